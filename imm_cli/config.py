@@ -1,0 +1,153 @@
+"""Frozen, checked configuration: the GPT, its memory, and training.
+
+Every field has a comment. `check()` raises InputError with one line naming the field, so the CLI
+can refuse bad flags before any work is done.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+
+from imm_cli.errors import InputError
+
+FORMAT_VERSION = 1  # bumped whenever config.json or the weight names change incompatibly
+
+MEMORY_KINDS = ("episodic", "linformer")
+MEMORY_NORMS = ("layer", "l2")
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InputError(message)
+
+
+@dataclass(frozen=True)
+class MemoryConfig:
+    kind: str = "episodic"  # "episodic" (key/value entries, recalls) or "linformer" (the notes' pooled slots)
+    slots: int = 8  # S memory slots per memory layer; 0 = no memory at all (the baseline model)
+    layer: int = -2  # which block hosts the memory (negative counts from the end: -2 = third of four)
+    temp: float | None = None  # read temperature of the cosine attention; None = 0.8 for linformer (notes' best), 0.05 for episodic (learned from there)
+    lr: float = 0.04  # linformer: EMA rate merging a write into the state (notes' best 0.04)
+    norm: str = "layer"  # linformer: state normalisation after each write, "layer" or "l2"
+    entries: int = 64  # episodic: key/value entries a slot keeps from one written segment (most surprising first)
+    key_bytes: int = 8  # episodic: a key is the previous `key_bytes` bytes, so a repeated context finds its entry
+    key_dim: int = 64  # episodic: width of keys and queries
+    decay: float = 0.9  # episodic: a slot's importance is multiplied by this at every later write (older fades)
+    gate_bias: float = 1.0  # initial bias of the read gate: sigmoid(1.0) = 0.73, the gate starts open
+
+    @property
+    def enabled(self) -> bool:
+        return self.slots > 0
+
+    @property
+    def read_temp(self) -> float:
+        if self.temp is not None:
+            return self.temp
+        return 0.8 if self.kind == "linformer" else 0.05
+
+    def check(self) -> "MemoryConfig":
+        _require(self.kind in MEMORY_KINDS, f"--memory must be one of {', '.join(MEMORY_KINDS)} (got {self.kind!r})")
+        _require(0 <= self.slots <= 1024, f"--slots must be between 0 and 1024 (got {self.slots})")
+        _require(self.temp is None or 0 < self.temp <= 100, f"--memory-temp must be > 0 and <= 100 (got {self.temp})")
+        _require(0 < self.lr <= 1, f"--memory-lr must be in (0, 1] (got {self.lr})")
+        _require(self.norm in MEMORY_NORMS, f"--memory-norm must be one of {', '.join(MEMORY_NORMS)} (got {self.norm!r})")
+        _require(1 <= self.entries <= 4096, f"--memory-entries must be between 1 and 4096 (got {self.entries})")
+        _require(1 <= self.key_bytes <= 64, f"--memory-key-bytes must be between 1 and 64 (got {self.key_bytes})")
+        _require(1 <= self.key_dim <= 4096, f"memory key_dim must be between 1 and 4096 (got {self.key_dim})")
+        _require(0 < self.decay <= 1, f"--memory-decay must be in (0, 1] (got {self.decay})")
+        return self
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 256  # UTF-8 bytes: any text, digits and names included, can be encoded
+    block_size: int = 128  # attention window in bytes (one segment)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # attention heads per block
+    n_embd: int = 128  # residual stream width
+    dropout: float = 0.0  # dropout everywhere (0 for small data and exact resume)
+    bias: bool = False  # biases in Linear and LayerNorm (False: a little better and faster, as nanoGPT)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+
+    @property
+    def memory_layer(self) -> int | None:
+        """Index of the block that hosts the memory, or None without memory."""
+        if not self.memory.enabled:
+            return None
+        return self.memory.layer % self.n_layer
+
+    def check(self) -> "ModelConfig":
+        _require(self.vocab_size == 256, "vocab_size must be 256 (UTF-8 bytes)")
+        _require(1 <= self.block_size <= 8192, f"--block-size must be between 1 and 8192 (got {self.block_size})")
+        _require(1 <= self.n_layer <= 64, f"--layers must be between 1 and 64 (got {self.n_layer})")
+        _require(1 <= self.n_head <= 64, f"--heads must be between 1 and 64 (got {self.n_head})")
+        _require(1 <= self.n_embd <= 8192, f"--embd must be between 1 and 8192 (got {self.n_embd})")
+        _require(self.n_embd % self.n_head == 0, f"--embd ({self.n_embd}) must be divisible by --heads ({self.n_head})")
+        _require(0 <= self.dropout < 1, f"dropout must be in [0, 1) (got {self.dropout})")
+        _require(-self.n_layer <= self.memory.layer < self.n_layer,
+                 f"memory layer {self.memory.layer} does not exist in a {self.n_layer}-layer model")
+        self.memory.check()
+        return self
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    iters: int = 3000  # optimizer steps
+    batch_size: int = 16  # segments per step (tokens per step = batch_size * block_size, memory or not)
+    segments: int = 0  # consecutive segments per episode, memory carried through them; 0 = auto (1 without memory, 4 with)
+    lr: float = 2e-3  # peak learning rate (AdamW), linear warmup then cosine decay to lr/10
+    warmup: int = 100  # warmup steps
+    weight_decay: float = 0.1  # on matrices only
+    grad_clip: float = 1.0  # max gradient norm; 0 = off
+    curriculum: float = 0.5  # share of episodes that are synthetic-fact recall episodes (0 = plain corpus only)
+    eval_every: int = 250  # steps between validation evaluations
+    eval_batches: int = 8  # validation episodes batches per evaluation
+    save_every: int = 500  # steps between checkpoints
+    seed: int = 1337  # seeds data order, initialisation and the curriculum
+    device: str = "auto"  # auto picks cuda, then mps, then cpu
+    data: str | None = None  # path of a UTF-8 text file; None = the embedded Shakespeare corpus
+
+    def effective_segments(self, memory: MemoryConfig) -> int:
+        if self.segments:
+            return self.segments
+        return 4 if memory.enabled else 1
+
+    def check(self, memory: MemoryConfig | None = None) -> "TrainConfig":
+        _require(1 <= self.iters <= 10_000_000, f"--iters must be between 1 and 10000000 (got {self.iters})")
+        _require(1 <= self.batch_size <= 100_000, f"--batch-size must be between 1 and 100000 (got {self.batch_size})")
+        _require(0 <= self.segments <= 64, f"--segments must be between 0 (auto) and 64 (got {self.segments})")
+        _require(0 < self.lr < 1, f"--lr must be in (0, 1) (got {self.lr})")
+        _require(self.warmup >= 0, f"--warmup must be >= 0 (got {self.warmup})")
+        _require(self.grad_clip >= 0, f"--grad-clip must be >= 0 (got {self.grad_clip})")
+        _require(0 <= self.curriculum <= 1, f"--curriculum must be in [0, 1] (got {self.curriculum})")
+        _require(self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")
+        _require(self.save_every >= 1, f"--save-every must be >= 1 (got {self.save_every})")
+        _require(self.device in ("auto", "cpu", "cuda", "mps"), f"--device must be auto, cpu, cuda or mps (got {self.device!r})")
+        if memory is not None:
+            seg = self.effective_segments(memory)
+            _require(self.batch_size % seg == 0,
+                     f"--batch-size ({self.batch_size}) must be a multiple of --segments ({seg}): a step holds whole episodes")
+        return self
+
+
+def to_dict(obj) -> dict:
+    return dataclasses.asdict(obj)
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    mem = MemoryConfig(**_known(MemoryConfig, d.pop("memory", {})))
+    return ModelConfig(**_known(ModelConfig, d), memory=mem).check()
+
+
+def train_config_from_dict(d: dict) -> TrainConfig:
+    return TrainConfig(**_known(TrainConfig, d))
+
+
+def _known(cls, d: dict) -> dict:
+    names = {f.name for f in fields(cls)}
+    unknown = set(d) - names - {"memory"}
+    if unknown:
+        raise InputError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in d.items() if k in names and k != "memory"}

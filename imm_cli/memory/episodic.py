@@ -1,0 +1,124 @@
+"""EpisodicMemory: S slots of exact key/value entries, written once, recalled by context.
+
+Each write takes one segment and keeps its `entries` most surprising positions as separate entries:
+  key   = the previous `key_bytes` bytes up to and including position i (a learned n-gram embedding),
+  value = a learned embedding of the byte that followed (the byte the model failed to predict).
+The entries go into one slot: an empty one first, else the slot of lowest importance (mean surprise
+of its entries, multiplied by `decay` at each later write, so old and unsurprising segments go
+first). Reading is attention of each position's own n-gram query over every stored entry (cosine
+scores, learned temperature) plus a learned "nothing matches" option, so a fresh memory reads
+exactly zero. When the text repeats a stored context (a cue), the read carries the stored next
+byte; after that byte is produced, the next context matches the next entry, and so on.
+
+Why not pooled averages (LinformerMemory): averaging a segment into S vectors blurs one fact among
+a hundred bytes of other text; a fact seen once is only recoverable if its bytes are kept apart.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from einops import einsum, rearrange
+from torch import Tensor, nn
+
+from imm_cli.config import MemoryConfig
+from imm_cli.memory.base import PAD, Memory, Segment, State
+
+
+class EpisodicMemory(Memory):
+    def __init__(self, cfg: MemoryConfig, n_embd: int, bias: bool = False) -> None:
+        super().__init__()
+        self.cfg = cfg
+        K, dk = cfg.key_bytes, cfg.key_dim
+        # one byte table per offset (0 = the current byte): the sum is an n-gram embedding;
+        # recent bytes start with larger weight so a near-miss context scores below an exact one
+        scale = torch.tensor([1.0 / math.sqrt(1 + t) for t in range(K)])
+        self.key_emb = nn.Parameter(torch.randn(K, PAD + 1, dk) * scale[:, None, None])
+        self.value_emb = nn.Embedding(PAD + 1, n_embd)  # content of a stored next byte
+        nn.init.normal_(self.value_emb.weight, std=0.02)
+        self.out = nn.Linear(n_embd, n_embd, bias=bias)
+        self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.read_temp)))  # learned 1/temperature
+        self.null_cos = nn.Parameter(torch.tensor(0.6))  # below this cosine a stored entry loses to "nothing"
+        self.gate = nn.Linear(n_embd, 1)
+        nn.init.zeros_(self.gate.weight)
+        nn.init.constant_(self.gate.bias, cfg.gate_bias)  # start open so the read path gets gradient
+
+    # --- keys ----------------------------------------------------------------------------------
+    def context_keys(self, seg: Segment) -> Tensor:
+        """(b n dk) unit vectors: the n-gram of the `key_bytes` bytes ending at each position."""
+        K = self.cfg.key_bytes
+        b, n = seg.ids.shape
+        prev = seg.prev[:, -(K - 1):] if K > 1 else seg.prev[:, :0]
+        pad = torch.full((b, K - 1 - prev.shape[1]), PAD, dtype=seg.ids.dtype, device=seg.ids.device)
+        stream = torch.cat([pad, prev, seg.ids], dim=1)  # (b, n + K - 1)
+        windows = stream.unfold(1, K, 1).flip(-1)  # (b n K): offset 0 = the current byte
+        offsets = torch.arange(K, device=stream.device)
+        emb = self.key_emb[offsets, windows]  # (b n K dk)
+        return F.normalize(emb.sum(dim=2), dim=-1)
+
+    # --- interface -----------------------------------------------------------------------------
+    def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:
+        S, E, dk = self.cfg.slots, self.cfg.entries, self.cfg.key_dim
+        d = self.value_emb.embedding_dim
+        return {
+            "keys": torch.zeros(batch, S, E, dk, device=device),
+            "values": torch.zeros(batch, S, E, d, device=device),
+            "valid": torch.zeros(batch, S, E, dtype=torch.bool, device=device),
+            "importance": torch.full((batch, S), -math.inf, device=device),
+        }
+
+    def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
+        b, n, _ = h.shape
+        S, E = self.cfg.slots, self.cfg.entries
+        q = self.context_keys(seg)
+        keys = rearrange(state["keys"], "b s e k -> b (s e) k")
+        values = rearrange(state["values"], "b s e d -> b (s e) d")
+        valid = rearrange(state["valid"], "b s e -> b 1 (s e)")
+        scale = self.log_scale.exp()
+        scores = einsum(q, keys, "b n k, b m k -> b n m") * scale
+        scores = scores.masked_fill(~valid, -math.inf)
+        null = (scale * self.null_cos).expand(b, n, 1)
+        attn = torch.softmax(torch.cat([scores, null], dim=-1), dim=-1)[..., :-1]  # (b n m)
+        read = self.out(einsum(attn, values, "b n m, b m d -> b n d"))
+        gate = torch.sigmoid(self.gate(h))
+        if self.observe:
+            self._record(read_attn=rearrange(attn, "b n (s e) -> b n s e", s=S, e=E).sum(-1), gate=gate.squeeze(-1))
+        return gate * read
+
+    def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
+        b, n = seg.ids.shape
+        S, E = self.cfg.slots, self.cfg.entries
+        known = seg.targets >= 0
+        score = surprise.masked_fill(~known, -math.inf)
+        k = min(E, n)
+        top, idx = score.topk(k, dim=1)  # (b k): the positions the model failed to predict most
+        keys = torch.gather(self.context_keys(seg), 1, idx[..., None].expand(-1, -1, self.cfg.key_dim))
+        values = self.value_emb(torch.gather(seg.targets.clamp(min=0), 1, idx).masked_fill(~torch.isfinite(top), PAD))
+        valid = torch.isfinite(top)
+        top = top.masked_fill(~valid, 0.0)
+        if k < E:  # a segment shorter than a slot: pad with invalid entries
+            keys = F.pad(keys, (0, 0, 0, E - k))
+            values = F.pad(values, (0, 0, 0, E - k))
+            valid = F.pad(valid, (0, E - k), value=False)
+        count = valid.sum(1)
+        importance_new = (top.sum(1) / count.clamp(min=1)).masked_fill(count == 0, -math.inf)
+
+        aged = state["importance"] * self.cfg.decay  # -inf stays -inf: empty slots are taken first
+        slot = aged.argmin(dim=1)  # (b)
+        chosen = F.one_hot(slot, S).bool()  # (b s)
+        self._record(write_slot=chosen.float(), write_positions=idx.float())
+        sel = chosen[:, :, None]
+        return {
+            "keys": torch.where(sel[..., None], keys[:, None], state["keys"]),
+            "values": torch.where(sel[..., None], values[:, None], state["values"]),
+            "valid": torch.where(sel, valid[:, None], state["valid"]),
+            "importance": torch.where(chosen, importance_new[:, None], aged),
+        }
+
+    def slot_vectors(self, state: State) -> Tensor:
+        """Mean stored value of each slot, mapped like a read (zeros for an empty slot)."""
+        valid = state["valid"].float()[..., None]
+        mean = (state["values"] * valid).sum(2) / valid.sum(2).clamp(min=1)
+        return self.out(mean)

@@ -1,0 +1,333 @@
+"""The training loop: episodes of consecutive segments, memory carried (with gradients) through them.
+
+One step takes `batch_size // segments` episodes. An episode is `segments` consecutive blocks of one
+text; the memory starts fresh at the episode's start, is written after each segment and read by the
+next, and the loss is backpropagated through every write of the episode. A share of the episodes
+(`curriculum`) are synthetic-fact recall episodes: made-up facts written early, cued and answered
+in the last segment, so the write and read paths learn to carry one-shot information.
+
+The loop is plain functions over plain data (no typer, no rich): the CLI passes `on_event` to show
+progress. Checkpoints are atomic (runs.py); Ctrl-C/SIGTERM stop after the current step and save.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import random
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from imm_cli import runs
+from imm_cli.config import ModelConfig, TrainConfig
+from imm_cli.curriculum import build_curriculum_episode
+from imm_cli.data import Corpus, load_corpus, sample_episodes
+from imm_cli.errors import InputError, RunError
+from imm_cli.model import GPT
+
+Event = dict
+EVAL_SEED = 1234  # validation episodes are the same for every run and every evaluation
+
+
+@dataclass
+class TrainResult:
+    run: str
+    step: int
+    params: int
+    memory_params: int
+    memory_share: float
+    val_loss: float | None
+    val_loss_ablated: float | None
+    train_loss: float | None
+    tokens_per_s: float
+    nonfinite: bool
+    interrupted: bool = False
+    recall_acc: float | None = None
+    recall_acc_ablated: float | None = None
+    history: list[dict] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        d = dict(self.__dict__)
+        d.pop("history")
+        return d
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise InputError("--device cuda: no CUDA device is available on this machine")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise InputError("--device mps: no MPS device is available on this machine")
+    return torch.device(name)
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup, then cosine decay to lr/10 at the last step (nanoGPT's schedule)."""
+    warmup = min(cfg.warmup, max(cfg.iters // 10, 1))
+    if step < warmup:
+        return cfg.lr * (step + 1) / (warmup + 1)
+    progress = (step - warmup) / max(cfg.iters - warmup, 1)
+    return cfg.lr / 10 + 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))) * (cfg.lr - cfg.lr / 10)
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "key_emb" not in n]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "key_emb" in n]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    fused = device.type == "cuda"
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=fused, foreach=None if fused else True)
+
+
+class Batches:
+    """Episodes for training: corpus episodes plus a share of curriculum episodes, reproducibly."""
+
+    def __init__(self, corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, segments: int, seed: int) -> None:
+        self.train = corpus.train
+        self.block = model_cfg.block_size
+        self.segments = segments
+        self.episodes = cfg.batch_size // segments
+        self.n_curriculum = int(round(cfg.curriculum * self.episodes)) if model_cfg.memory.enabled else 0
+        self.gen = torch.Generator().manual_seed(seed)
+        self.rng = random.Random(seed)
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        n_corpus = self.episodes - self.n_curriculum
+        x, y = sample_episodes(self.train, n_corpus, self.segments, self.block, self.gen)
+        if self.n_curriculum:
+            cx, cy = zip(*(build_curriculum_episode(self.train, self.segments, self.block, self.rng)[:2]
+                           for _ in range(self.n_curriculum)))
+            x = torch.cat([x, torch.as_tensor(np.stack(cx), dtype=torch.long)])
+            y = torch.cat([y, torch.as_tensor(np.stack(cy), dtype=torch.long)])
+        return x, y
+
+    def state(self) -> dict:
+        return {"gen": self.gen.get_state(), "rng": _py_rng_state(self.rng)}
+
+    def load_state(self, st: dict) -> None:
+        self.gen.set_state(st["gen"])
+        self.rng.setstate(_py_rng_from_state(st["rng"]))
+
+
+def _py_rng_state(rng: random.Random) -> list:
+    version, internal, gauss = rng.getstate()
+    return [version, list(internal), gauss]
+
+
+def _py_rng_from_state(st: list) -> tuple:
+    return (st[0], tuple(st[1]), st[2])
+
+
+def episode_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Mean loss over an episode's segments, memory carried from each segment to the next."""
+    state = model.init_state(x.shape[0], x.device)
+    losses, token_losses = [], []
+    for s in range(x.shape[1]):
+        out = model(x[:, s], y[:, s], state=state, prev=x[:, s - 1] if s else None)
+        state = out.state
+        losses.append(out.loss)
+        token_losses.append(out.token_loss)
+    return torch.stack(losses).mean(), token_losses
+
+
+@torch.no_grad()
+def evaluate(model: GPT, corpus: Corpus, segments: int, batches: int, batch: int, device: torch.device) -> dict:
+    """Validation loss with the memory carried, and with its read ablated (same episodes)."""
+    model.eval()
+    gen = torch.Generator().manual_seed(EVAL_SEED)
+    block = model.cfg.block_size
+    seg = max(segments, 2) if model.memory is not None else 1
+    eps = max(batch // seg, 1)
+    total = {"val_loss": 0.0, "val_loss_ablated": 0.0}
+    for _ in range(batches):
+        x, y = sample_episodes(corpus.val, eps, seg, block, gen)
+        x, y = x.to(device), y.to(device)
+        total["val_loss"] += episode_loss(model, x, y)[0].item()
+        if model.memory is not None:
+            with model.memory_mode(ablated=True):
+                total["val_loss_ablated"] += episode_loss(model, x, y)[0].item()
+    out = {k: v / batches for k, v in total.items()}
+    if model.memory is None:
+        out["val_loss_ablated"] = out["val_loss"]
+    else:
+        out.update(_curriculum_recall(model, corpus, seg, block, device))
+    model.train()
+    return out
+
+
+@torch.no_grad()
+def _curriculum_recall(model: GPT, corpus: Corpus, segments: int, block: int, device: torch.device, n: int = 16) -> dict:
+    """Greedy next-byte accuracy on answer bytes of held-out synthetic facts (val text), memory on/off."""
+    rng = random.Random(EVAL_SEED)
+    eps = [build_curriculum_episode(corpus.val, segments, block, rng) for _ in range(n)]
+    x = torch.as_tensor(np.stack([e[0] for e in eps]), dtype=torch.long, device=device)
+    y = torch.as_tensor(np.stack([e[1] for e in eps]), dtype=torch.long, device=device)
+    mask = torch.as_tensor(np.stack([e[2] for e in eps]), dtype=torch.bool, device=device)[:, -1]
+    res = {}
+    for name, ablated in (("recall_acc", False), ("recall_acc_ablated", True)):
+        with model.memory_mode(ablated=ablated):
+            state = model.init_state(n, device)
+            for s in range(segments):
+                out = model(x[:, s], y[:, s], state=state, prev=x[:, s - 1] if s else None)
+                state = out.state
+            hit = (out.logits.argmax(-1) == y[:, -1]) & mask
+            res[name] = hit.sum().item() / max(mask.sum().item(), 1)
+    return res
+
+
+class StopRequest:
+    """Ctrl-C / SIGTERM: the first asks to stop after this step; the second exits at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.signal = 0
+
+    def __call__(self, signum, frame) -> None:
+        if self.requested:
+            os._exit(130)  # second Ctrl-C: leave immediately, write nothing
+        self.requested = True
+        self.signal = signum
+
+
+@contextmanager
+def _stop_on_signals(stop: StopRequest):
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+
+
+def train(
+    model_cfg: ModelConfig,
+    cfg: TrainConfig,
+    out: Path,
+    resume: bool = False,
+    on_event: Callable[[Event], None] | None = None,
+) -> TrainResult:
+    """Train (or resume) a model into the run folder `out`; returns the final figures."""
+    emit = on_event or (lambda e: None)
+    model_cfg.check()
+    cfg.check(model_cfg.memory)
+    out = Path(out)
+    device = resolve_device(cfg.device)
+    corpus = load_corpus(cfg.data)
+    segments = cfg.effective_segments(model_cfg.memory)
+    if len(corpus.train) < segments * model_cfg.block_size + 2 or len(corpus.val) < max(segments, 2) * model_cfg.block_size + 2:
+        raise InputError(f"data is too small for --block-size {model_cfg.block_size} x {segments} segments")
+
+    torch.manual_seed(cfg.seed)
+    model = GPT(model_cfg).to(device)
+    optimizer = make_optimizer(model, cfg, device)
+    batches = Batches(corpus, model_cfg, cfg, segments, cfg.seed)
+    step = 0
+    if resume:
+        st = runs.load_train_state(out)
+        runs.load_weights_into(model, {k: v.to(device) for k, v in st["model"].items()}, out / runs.TRAIN_STATE)
+        try:
+            optimizer.load_state_dict(st["optimizer"])
+            batches.load_state(st["batches"])
+            torch.set_rng_state(st["torch_rng"])
+        except (KeyError, ValueError, RuntimeError, TypeError) as e:
+            raise InputError(f"{out / runs.TRAIN_STATE} is damaged: {e}") from None
+        step = int(st["step"])
+        if step >= cfg.iters:
+            raise InputError(f"{out} already trained {step} steps; pass --iters above {step} to go on")
+    else:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / runs.METRICS).unlink(missing_ok=True)
+    runs.clean_temp_files(out)
+    total, mem = model.num_params()
+    emit({"type": "start", "params": total, "memory_params": mem, "step": step, "device": str(device),
+          "segments": segments, "episodes": batches.episodes, "curriculum_episodes": batches.n_curriculum})
+
+    def checkpoint(summary: dict | None = None) -> None:
+        runs.save_train_state(out, {
+            "step": step,
+            "model": runs._state_dict_for_save(model),
+            "optimizer": optimizer.state_dict(),
+            "batches": batches.state(),
+            "torch_rng": torch.get_rng_state(),
+        })
+        runs.save_weights(out, model, step)
+        runs.save_config(out, model_cfg, cfg, summary)
+
+    if not resume:
+        checkpoint({"step": 0})
+
+    stop = StopRequest()
+    tokens_per_step = cfg.batch_size * model_cfg.block_size
+    history: list[dict] = []
+    last_eval: dict = {}
+    train_loss = None
+    nonfinite = False
+    t_start = time.perf_counter()
+    steps_done = 0
+    model.train()
+    with _stop_on_signals(stop):
+        while step < cfg.iters:
+            t0 = time.perf_counter()
+            lr = lr_at(step, cfg)
+            for g in optimizer.param_groups:
+                g["lr"] = lr
+            x, y = batches.next()
+            x, y = x.to(device), y.to(device)
+            loss, _ = episode_loss(model, x, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            loss_v, gnorm_v = loss.item(), gnorm.item()
+            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+                nonfinite = True
+                runs.append_metrics(out, [{"step": step, "event": "nonfinite", "loss": str(loss_v), "grad_norm": str(gnorm_v)}])
+                raise RunError(f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {step}; "
+                               f"the last good checkpoint is in {out}")
+            optimizer.step()
+            step += 1
+            steps_done += 1
+            train_loss = loss_v
+            dt = time.perf_counter() - t0
+            row = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "tokens_per_s": tokens_per_step / dt}
+            if step % cfg.eval_every == 0 or step == cfg.iters:
+                last_eval = evaluate(model, corpus, segments, cfg.eval_batches, cfg.batch_size, device)
+                row.update(last_eval)
+            history.append(row)
+            runs.append_metrics(out, [row])
+            emit({"type": "step", **row, "iters": cfg.iters})
+            if stop.requested:
+                break
+            if step % cfg.save_every == 0 and step < cfg.iters:
+                checkpoint({"step": step})
+    elapsed = time.perf_counter() - t_start
+    tps = steps_done * tokens_per_step / elapsed if elapsed > 0 else 0.0
+    result = TrainResult(
+        run=str(out), step=step, params=total, memory_params=mem, memory_share=mem / total,
+        val_loss=last_eval.get("val_loss"), val_loss_ablated=last_eval.get("val_loss_ablated"),
+        train_loss=train_loss, tokens_per_s=tps, nonfinite=nonfinite, interrupted=stop.requested,
+        recall_acc=last_eval.get("recall_acc"), recall_acc_ablated=last_eval.get("recall_acc_ablated"),
+        history=history,
+    )
+    checkpoint(result.to_dict())
+    try:
+        from imm_cli.plots import plot_loss  # matplotlib is imported only when plotting
+
+        plot_loss(runs.read_metrics(out), out / "loss.png")
+    except Exception as e:  # a plot must never lose a trained model
+        emit({"type": "warning", "message": f"loss.png not written: {e}"})
+    return result
