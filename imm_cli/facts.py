@@ -1,0 +1,66 @@
+"""Facts for the recall experiments: one per line, the cue is the first two words."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from imm_cli.data import read_text_file
+from imm_cli.errors import InputError
+
+CUE_WORDS = 2
+
+
+@dataclass(frozen=True)
+class Fact:
+    text: str  # the whole fact
+    cue: str  # the first two whitespace-separated words
+    rest: str  # everything after the cue, with its leading space: cue + rest == text
+
+    @classmethod
+    def from_text(cls, line: str) -> "Fact":
+        text = line.strip()
+        words = text.split()
+        if len(words) <= CUE_WORDS:
+            raise ValueError(f"a fact needs at least {CUE_WORDS + 1} words: {text!r}")
+        # cue ends where the second word ends (keeping the original spacing inside the cue)
+        pos = 0
+        for w in words[:CUE_WORDS]:
+            pos = text.index(w, pos) + len(w)
+        return cls(text=text, cue=text[:pos], rest=text[pos:])
+
+    @property
+    def nbytes(self) -> int:
+        return len(self.text.encode("utf-8"))
+
+
+def load_facts(path: str | os.PathLike[str], max_bytes: int | None = None) -> list[Fact]:
+    """Facts from a UTF-8 file: blank lines and ``#`` comments ignored; one-line InputError otherwise."""
+    name = os.fspath(path)
+    text = read_text_file(name, what="facts file")
+    facts: list[Fact] = []
+    seen: dict[str, int] = {}
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if len(line.split()) <= CUE_WORDS:
+            raise InputError(
+                f"facts file {name}: line {lineno} has fewer than {CUE_WORDS + 1} words "
+                f"(a two-word cue and the rest to recall)"
+            )
+        fact = Fact.from_text(line)
+        if fact.cue in seen:
+            raise InputError(
+                f"facts file {name}: duplicate cue {fact.cue!r} on lines {seen[fact.cue]} and {lineno}"
+            )
+        if max_bytes is not None and fact.nbytes > max_bytes:
+            raise InputError(
+                f"facts file {name}: fact on line {lineno} is {fact.nbytes} bytes; "
+                f"this model holds at most {max_bytes}"
+            )
+        seen[fact.cue] = lineno
+        facts.append(fact)
+    if not facts:
+        raise InputError(f"facts file {name} holds no facts (only blank lines or # comments)")
+    return facts
