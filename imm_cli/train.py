@@ -28,7 +28,7 @@ import torch
 
 from imm_cli import runs
 from imm_cli.config import ModelConfig, TrainConfig
-from imm_cli.curriculum import build_curriculum_episode
+from imm_cli.curriculum import sample_curriculum
 from imm_cli.data import Corpus, load_corpus, sample_episodes
 from imm_cli.errors import InputError, RunError
 from imm_cli.model import GPT
@@ -107,10 +107,9 @@ class Batches:
         n_corpus = self.episodes - self.n_curriculum
         x, y = sample_episodes(self.train, n_corpus, self.segments, self.block, self.gen)
         if self.n_curriculum:
-            cx, cy = zip(*(build_curriculum_episode(self.train, self.segments, self.block, self.rng)[:2]
-                           for _ in range(self.n_curriculum)))
-            x = torch.cat([x, torch.as_tensor(np.stack(cx), dtype=torch.long)])
-            y = torch.cat([y, torch.as_tensor(np.stack(cy), dtype=torch.long)])
+            cx, cy, _ = sample_curriculum(self.train, self.n_curriculum, self.segments, self.block, self.rng)
+            x = torch.cat([x, cx.long()])
+            y = torch.cat([y, cy.long()])
         return x, y
 
     def state(self) -> dict:
@@ -171,10 +170,8 @@ def evaluate(model: GPT, corpus: Corpus, segments: int, batches: int, batch: int
 def _curriculum_recall(model: GPT, corpus: Corpus, segments: int, block: int, device: torch.device, n: int = 16) -> dict:
     """Greedy next-byte accuracy on answer bytes of held-out synthetic facts (val text), memory on/off."""
     rng = random.Random(EVAL_SEED)
-    eps = [build_curriculum_episode(corpus.val, segments, block, rng) for _ in range(n)]
-    x = torch.as_tensor(np.stack([e[0] for e in eps]), dtype=torch.long, device=device)
-    y = torch.as_tensor(np.stack([e[1] for e in eps]), dtype=torch.long, device=device)
-    mask = torch.as_tensor(np.stack([e[2] for e in eps]), dtype=torch.bool, device=device)[:, -1]
+    x, y, mask = sample_curriculum(corpus.val, n, segments, block, rng)
+    x, y, mask = x.long().to(device), y.long().to(device), mask.bool().to(device)[:, -1]
     res = {}
     for name, ablated in (("recall_acc", False), ("recall_acc_ablated", True)):
         with model.memory_mode(ablated=ablated):

@@ -1,0 +1,66 @@
+"""`imm`: train a byte-level GPT with an Implicit Memory Module and measure its memory."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from imm_cli.cli import train as train_cmd
+
+app = typer.Typer(
+    name="imm",
+    help="Train a small byte-level GPT with an Implicit Memory Module, and measure what the memory stores and recalls.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+
+
+@app.callback()
+def _root() -> None:
+    """Train a small byte-level GPT with an Implicit Memory Module, and measure what the memory stores and recalls.
+
+    Every command prints rich tables on stderr; --json prints one JSON document on stdout.
+    Exit codes: 0 success, 2 bad usage or input, 1 failure at run time, 130 interrupted.
+    """
+
+
+app.command("train")(train_cmd.train)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: usage errors become one line and exit code 2, never a usage box or traceback.
+
+    Exceptions are matched by shape (exit_code, format_message), not by class, because typer has
+    moved its click exceptions between releases.
+    """
+    command = typer.main.get_command(app)
+    try:
+        result = command.main(args=argv, prog_name="imm", standalone_mode=False)
+        code = result if isinstance(result, int) else 0
+    except Exception as e:  # noqa: BLE001
+        name = type(e).__name__
+        exit_code = getattr(e, "exit_code", None)
+        if name == "Abort":
+            sys.stderr.write("interrupted\n")
+            code = 130
+        elif hasattr(e, "format_message") and isinstance(exit_code, int):
+            sys.stderr.write(f"error: {e.format_message()}\n")
+            code = exit_code
+        elif isinstance(exit_code, int):
+            code = exit_code
+        else:
+            if os.environ.get("IMM_DEBUG"):
+                raise
+            sys.stderr.write(f"error: {name}: {(str(e).splitlines() or [''])[0]} (IMM_DEBUG=1 shows the traceback)\n")
+            code = 1
+    if os.environ.get("IMM_NO_EXIT"):
+        return code
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    main()

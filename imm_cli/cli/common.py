@@ -1,0 +1,71 @@
+"""What every command shares: stderr console, --json on stdout, one-line errors and exit codes."""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import sys
+from typing import Any, Callable
+
+import typer
+from rich.console import Console
+
+from imm_cli.errors import InputError, RunError
+
+console = Console(stderr=True)  # tables and progress: stdout is kept for --json
+
+
+def fail(message: str, code: int) -> None:
+    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Map library errors to one line and an exit code (IMM_DEBUG=1 shows the traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
+        except InputError as e:
+            fail(str(e), 2)
+        except RunError as e:
+            fail(str(e), 1)
+        except KeyboardInterrupt:
+            console.print("interrupted")
+            raise typer.Exit(130)
+        except Exception as e:  # noqa: BLE001 - the last line of defence against tracebacks
+            if os.environ.get("IMM_DEBUG"):
+                raise
+            first = (str(e).splitlines() or [""])[0]
+            fail(f"{e.__class__.__name__}: {first} (IMM_DEBUG=1 shows the traceback)", 1)
+
+    return wrapper
+
+
+def _clean(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every consumer can parse the document."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def print_json(doc: dict) -> None:
+    sys.stdout.write(json.dumps(_clean(doc), indent=2) + "\n")
+    sys.stdout.flush()
+
+
+def fmt(x: float | None, digits: int = 3) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and not math.isfinite(x):
+        return str(x)
+    return f"{x:.{digits}f}"

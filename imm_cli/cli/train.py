@@ -1,0 +1,206 @@
+"""`imm train`: check flags, call imm_cli.train.train, show progress and a summary table."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from imm_cli import runs
+from imm_cli.cli.common import console, fmt, handle_errors, print_json
+from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig, to_dict
+from imm_cli.errors import InputError
+
+D = TrainConfig()
+M = ModelConfig()
+MM = MemoryConfig()
+
+
+class Device(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+    mps = "mps"
+
+
+class Kind(str, Enum):
+    episodic = "episodic"
+    linformer = "linformer"
+
+
+class Norm(str, Enum):
+    layer = "layer"
+    l2 = "l2"
+
+
+# flags a resumed run may change; any other explicit flag must agree with the saved config
+RESUMABLE = {"iters", "save_every", "eval_every", "device", "json_out", "resume", "out"}
+
+
+@handle_errors
+def train(
+    ctx: typer.Context,
+    slots: int = typer.Option(MM.slots, help="Memory slots per memory layer; 0 = the same GPT with no memory (the baseline)."),
+    memory: Kind = typer.Option(Kind.episodic, help="Memory kind: episodic (key/value entries that recall facts) or linformer (the notes' pooled slots)."),
+    layers: int = typer.Option(M.n_layer, help="Transformer blocks."),
+    heads: int = typer.Option(M.n_head, help="Attention heads per block."),
+    embd: int = typer.Option(M.n_embd, help="Residual stream width."),
+    block_size: int = typer.Option(M.block_size, help="Segment length in bytes (the attention window)."),
+    batch_size: int = typer.Option(D.batch_size, help="Segments per step (tokens per step = batch-size x block-size)."),
+    iters: int = typer.Option(D.iters, help="Optimizer steps."),
+    lr: float = typer.Option(D.lr, help="Peak learning rate (warmup, then cosine decay to lr/10)."),
+    memory_lr: float = typer.Option(MM.lr, help="Linformer memory: EMA rate of a write (notes' best 0.04)."),
+    memory_norm: Norm = typer.Option(Norm.layer, help="Linformer memory: state normalisation, layer or l2."),
+    memory_temp: Optional[float] = typer.Option(None, help="Read temperature of the cosine attention [default: 0.8 linformer, 0.05 episodic (learned from there)]."),
+    memory_entries: int = typer.Option(MM.entries, help="Episodic memory: entries kept per slot from one segment (most surprising bytes)."),
+    memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),
+    segments: int = typer.Option(D.segments, help="Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with]."),
+    curriculum: float = typer.Option(D.curriculum, help="Share of episodes that are synthetic-fact recall episodes (memory models only)."),
+    grad_clip: float = typer.Option(D.grad_clip, help="Clip the gradient norm to this; 0 = off."),
+    eval_every: int = typer.Option(D.eval_every, help="Steps between validation evaluations."),
+    save_every: int = typer.Option(D.save_every, help="Steps between checkpoints."),
+    device: Device = typer.Option(Device.auto, help="auto picks cuda, then mps, then cpu."),
+    seed: int = typer.Option(D.seed, help="Seed of initialisation, data order and curriculum."),
+    out: Optional[Path] = typer.Option(None, help="Run folder to create [default: runs/<memory>-s<slots>]."),
+    data: Optional[Path] = typer.Option(None, help="UTF-8 text file to train on [default: the embedded Shakespeare corpus]."),
+    resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder exactly where its last checkpoint stopped."),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document with the final figures on stdout."),
+) -> None:
+    """Train a byte-level GPT with (or without: --slots 0) an Implicit Memory Module."""
+    if resume is not None:
+        out = resume
+        model_cfg, train_cfg = _resume_configs(ctx, resume, iters, save_every, eval_every, device.value)
+    else:
+        model_cfg = ModelConfig(
+            block_size=block_size, n_layer=layers, n_head=heads, n_embd=embd,
+            memory=MemoryConfig(kind=memory.value, slots=slots, temp=memory_temp, lr=memory_lr, norm=memory_norm.value,
+                                entries=memory_entries, key_bytes=memory_key_bytes),
+        ).check()
+        train_cfg = TrainConfig(
+            iters=iters, batch_size=batch_size, segments=segments, lr=lr, curriculum=curriculum, grad_clip=grad_clip,
+            eval_every=eval_every, save_every=save_every, seed=seed, device=device.value,
+            data=str(data) if data is not None else None,
+        ).check(model_cfg.memory)
+        if out is None:
+            out = Path("runs") / (f"{memory.value}-s{slots}" if slots else "s0")
+        _check_new_out(out)
+        if data is not None:
+            from imm_cli.data import read_text_file
+
+            read_text_file(data, what="data file")  # checked before any folder is made
+    from imm_cli.train import resolve_device, train as run_training
+
+    resolve_device(train_cfg.device)  # --device cuda without one: refuse before writing
+    result = _with_progress(lambda cb: run_training(model_cfg, train_cfg, out, resume=resume is not None, on_event=cb))
+    _summary(result, model_cfg)
+    if json_out:
+        print_json({**result.to_dict(), "config": {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}})
+    if result.interrupted:
+        console.print(f"stopped at step {result.step}; checkpoint saved in {out}. Resume with: imm train --resume {out}")
+        raise typer.Exit(130)
+
+
+def _check_new_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    if out.is_dir() and any(out.iterdir()):
+        if (out / runs.CONFIG).exists():
+            raise InputError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
+        raise InputError(f"--out {out} is not empty; choose an empty or new folder")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    import os
+
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out}: {parent} is not writable")
+
+
+def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, eval_every: int, device: str):
+    saved_model = runs.load_model_config(run)
+    saved_train = runs.load_train_config(run)
+    flag_to_value = {
+        "slots": saved_model.memory.slots, "memory": saved_model.memory.kind, "layers": saved_model.n_layer,
+        "heads": saved_model.n_head, "embd": saved_model.n_embd, "block_size": saved_model.block_size,
+        "batch_size": saved_train.batch_size, "lr": saved_train.lr, "memory_lr": saved_model.memory.lr,
+        "memory_norm": saved_model.memory.norm, "memory_temp": saved_model.memory.temp,
+        "memory_entries": saved_model.memory.entries, "memory_key_bytes": saved_model.memory.key_bytes,
+        "segments": saved_train.segments, "curriculum": saved_train.curriculum, "grad_clip": saved_train.grad_clip,
+        "seed": saved_train.seed, "data": saved_train.data,
+    }
+    for name, saved in flag_to_value.items():
+        if not _given(ctx, name):
+            continue
+        given = ctx.params[name]
+        given = given.value if isinstance(given, Enum) else (str(given) if isinstance(given, Path) else given)
+        if given != saved:
+            flag = "--" + name.replace("_", "-")
+            raise InputError(f"{flag} {given} disagrees with the run being resumed ({flag} {saved} in {run / runs.CONFIG})")
+    changes = {}
+    for name, value in (("iters", iters), ("save_every", save_every), ("eval_every", eval_every), ("device", device)):
+        if _given(ctx, name):
+            changes[name] = value
+    from dataclasses import replace
+
+    return saved_model, replace(saved_train, **changes).check(saved_model.memory)
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    """True when the user typed this flag (not a default)."""
+    source = ctx.get_parameter_source(name)
+    return getattr(source, "name", "") == "COMMANDLINE"
+
+
+def _with_progress(run):
+    progress = Progress(
+        TextColumn("[bold]train[/]"), BarColumn(), TaskProgressColumn(),
+        TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
+        TextColumn("{task.fields[val]}"), TimeRemainingColumn(), console=console, transient=False,
+    )
+    task = None
+
+    def on_event(e: dict) -> None:
+        nonlocal task
+        if e["type"] == "start":
+            mem = f", memory {e['memory_params']:,} ({100 * e['memory_params'] / e['params']:.2f}%)" if e["memory_params"] else ""
+            console.print(f"model: {e['params']:,} parameters{mem}; device {e['device']}; "
+                          f"{e['episodes']} episodes x {e['segments']} segments per step"
+                          + (f", {e['curriculum_episodes']} of them recall curriculum" if e["curriculum_episodes"] else ""))
+            task = progress.add_task("train", total=None, completed=e["step"], loss="-", tps="-", val="")
+        elif e["type"] == "step" and task is not None:
+            val = progress.tasks[0].fields["val"]
+            if "val_loss" in e:
+                val = f"val {e['val_loss']:.3f}"
+                if e.get("val_loss_ablated") is not None and e["val_loss_ablated"] != e["val_loss"]:
+                    val += f" (ablated {e['val_loss_ablated']:.3f})"
+                if e.get("recall_acc") is not None:
+                    val += f" recall {e['recall_acc']:.2f}/{e['recall_acc_ablated']:.2f}"
+                console.log(f"step {e['step']}: {val}")
+            progress.update(task, total=e["iters"], completed=e["step"], loss=f"{e['loss']:.3f}", tps=f"{e['tokens_per_s']:,.0f}", val=val)
+        elif e["type"] == "warning":
+            console.print(f"[yellow]warning:[/] {e['message']}")
+
+    with progress:
+        return run(on_event)
+
+
+def _summary(r, model_cfg: ModelConfig) -> None:
+    t = Table(title=f"imm train: {r.run}", show_header=True)
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    mem = model_cfg.memory
+    t.add_row("memory", f"{mem.kind}, {mem.slots} slots" if mem.enabled else "none (--slots 0)")
+    t.add_row("parameters", f"{r.params:,}")
+    t.add_row("memory parameters", f"{r.memory_params:,}")
+    t.add_row("memory share of parameters", f"{100 * r.memory_share:.2f}%")
+    t.add_row("steps", str(r.step))
+    t.add_row("final train loss", fmt(r.train_loss))
+    t.add_row("validation loss, memory carried", fmt(r.val_loss))
+    t.add_row("validation loss, memory ablated", fmt(r.val_loss_ablated))
+    if r.recall_acc is not None:
+        t.add_row("synthetic-fact answer bytes right, memory / ablated", f"{r.recall_acc:.3f} / {r.recall_acc_ablated:.3f}")
+    t.add_row("training tokens/s", f"{r.tokens_per_s:,.0f}")
+    t.add_row("NaN/inf seen", "yes" if r.nonfinite else "no")
+    console.print(t)
