@@ -194,6 +194,8 @@ class GPT(nn.Module):
             if h is not None:
                 h_mem = h
         logits = self.lm_head(self.ln_f(x))
+        if self.memory is not None and self.memory.observe:
+            self.memory._record(hidden=h_mem)  # the memory layer's (normalised) hidden states, b n d
 
         token_loss = loss = None
         want_write = write and caches is None and self.memory is not None and not self.memory.frozen
