@@ -192,8 +192,11 @@ class StopRequest:
         self.signal = 0
 
     def __call__(self, signum, frame) -> None:
-        if self.requested:
-            os._exit(130)  # second Ctrl-C: leave immediately, write nothing
+        if self.requested:  # second Ctrl-C: leave immediately, write nothing (the last checkpoint stays whole)
+            try:
+                os.write(2, b"\ninterrupted again: exiting at once without saving\n")
+            finally:
+                os._exit(130)
         self.requested = True
         self.signal = signum
 
@@ -246,6 +249,7 @@ def train(
         step = int(st["step"])
         if step >= cfg.iters:
             raise InputError(f"{out} already trained {step} steps; pass --iters above {step} to go on")
+        runs.truncate_metrics(out, step)  # rows logged after the checkpoint are logged again
     else:
         out.mkdir(parents=True, exist_ok=True)
         (out / runs.METRICS).unlink(missing_ok=True)
@@ -254,7 +258,10 @@ def train(
     emit({"type": "start", "params": total, "memory_params": mem, "step": step, "device": str(device),
           "segments": segments, "episodes": batches.episodes, "curriculum_episodes": batches.n_curriculum})
 
+    saved_step = step  # the step of the last complete checkpoint
+
     def checkpoint(summary: dict | None = None) -> None:
+        nonlocal saved_step
         runs.save_train_state(out, {
             "step": step,
             "model": runs._state_dict_for_save(model),
@@ -263,10 +270,8 @@ def train(
             "torch_rng": torch.get_rng_state(),
         })
         runs.save_weights(out, model, step)
-        runs.save_config(out, model_cfg, cfg, summary)
-
-    if not resume:
-        checkpoint({"step": 0})
+        runs.save_config(out, model_cfg, cfg, summary)  # last: a folder with config.json is a whole run
+        saved_step = step
 
     stop = StopRequest()
     tokens_per_step = cfg.batch_size * model_cfg.block_size
@@ -277,8 +282,11 @@ def train(
     t_start = time.perf_counter()
     steps_done = 0
     model.train()
+    # Ctrl-C/SIGTERM from the first checkpoint to the last: stop after the current step and save
     with _stop_on_signals(stop):
-        while step < cfg.iters:
+        if not resume:
+            checkpoint({"step": 0})
+        while step < cfg.iters and not stop.requested:
             t0 = time.perf_counter()
             lr = lr_at(step, cfg)
             for g in optimizer.param_groups:
@@ -290,11 +298,12 @@ def train(
             loss.backward()
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             loss_v, gnorm_v = loss.item(), gnorm.item()
-            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):
+            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):  # before the update: weights stay good
                 nonfinite = True
-                runs.append_metrics(out, [{"step": step, "event": "nonfinite", "loss": str(loss_v), "grad_norm": str(gnorm_v)}])
-                raise RunError(f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} at step {step}; "
-                               f"the last good checkpoint is in {out}")
+                runs.append_metrics(out, [{"step": step + 1, "event": "nonfinite", "loss": str(loss_v), "grad_norm": str(gnorm_v)}])
+                raise RunError(f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} ({loss_v if not math.isfinite(loss_v) else gnorm_v}) "
+                               f"at step {step + 1}; stopped without saving it: the last good checkpoint (step {saved_step}) "
+                               f"is in {out}, resume with: imm train --resume {out}")
             optimizer.step()
             step += 1
             steps_done += 1
@@ -311,20 +320,21 @@ def train(
                 break
             if step % cfg.save_every == 0 and step < cfg.iters:
                 checkpoint({"step": step})
-    elapsed = time.perf_counter() - t_start
-    tps = steps_done * tokens_per_step / elapsed if elapsed > 0 else 0.0
-    result = TrainResult(
-        run=str(out), step=step, params=total, memory_params=mem, memory_share=mem / total,
-        val_loss=last_eval.get("val_loss"), val_loss_ablated=last_eval.get("val_loss_ablated"),
-        train_loss=train_loss, tokens_per_s=tps, nonfinite=nonfinite, interrupted=stop.requested,
-        recall_acc=last_eval.get("recall_acc"), recall_acc_ablated=last_eval.get("recall_acc_ablated"),
-        history=history,
-    )
-    checkpoint(result.to_dict())
-    try:
-        from imm_cli.plots import plot_loss  # matplotlib is imported only when plotting
+        elapsed = time.perf_counter() - t_start
+        interrupted = stop.requested and step < cfg.iters  # a signal during the final save does not undo a finished run
+        tps = steps_done * tokens_per_step / elapsed if elapsed > 0 else 0.0
+        result = TrainResult(
+            run=str(out), step=step, params=total, memory_params=mem, memory_share=mem / total,
+            val_loss=last_eval.get("val_loss"), val_loss_ablated=last_eval.get("val_loss_ablated"),
+            train_loss=train_loss, tokens_per_s=tps, nonfinite=nonfinite, interrupted=interrupted,
+            recall_acc=last_eval.get("recall_acc"), recall_acc_ablated=last_eval.get("recall_acc_ablated"),
+            history=history,
+        )
+        checkpoint(result.to_dict())
+        try:
+            from imm_cli.plots import plot_loss  # matplotlib is imported only when plotting
 
-        plot_loss(runs.read_metrics(out), out / "loss.png")
-    except Exception as e:  # a plot must never lose a trained model
-        emit({"type": "warning", "message": f"loss.png not written: {e}"})
+            plot_loss(runs.read_metrics(out), out / "loss.png")
+        except Exception as e:  # a plot must never lose a trained model
+            emit({"type": "warning", "message": f"loss.png not written: {e}"})
     return result

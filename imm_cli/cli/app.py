@@ -47,8 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "Abort":
             sys.stderr.write("interrupted\n")
             code = 130
+        elif name == "NoArgsIsHelpError":  # bare `imm` or `imm train`-less group: the help, not an error
+            sys.stderr.write(e.format_message().rstrip() + "\n")
+            code = exit_code if isinstance(exit_code, int) else 2
         elif hasattr(e, "format_message") and isinstance(exit_code, int):
-            sys.stderr.write(f"error: {e.format_message()}\n")
+            sys.stderr.write("error: " + " ".join(e.format_message().split()) + "\n")  # one line, always
             code = exit_code
         elif isinstance(exit_code, int):
             code = exit_code

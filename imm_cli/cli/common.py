@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from imm_cli.errors import InputError, RunError
 
@@ -18,7 +19,9 @@ console = Console(stderr=True)  # tables and progress: stdout is kept for --json
 
 
 def fail(message: str, code: int) -> None:
-    console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """One line on stderr (never wrapped; brackets in paths or key lists are text, not markup), then exit."""
+    one_line = " ".join(str(message).split())
+    console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

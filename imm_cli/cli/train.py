@@ -72,12 +72,15 @@ def train(
 ) -> None:
     """Train a byte-level GPT with (or without: --slots 0) an Implicit Memory Module."""
     if resume is not None:
+        if out is not None and out.resolve() != resume.resolve():
+            raise InputError(f"--out {out} and --resume {resume} name different folders; a resumed run stays in its folder")
         out = resume
         model_cfg, train_cfg = _resume_configs(ctx, resume, iters, save_every, eval_every, device.value)
     else:
         model_cfg = ModelConfig(
             block_size=block_size, n_layer=layers, n_head=heads, n_embd=embd,
-            memory=MemoryConfig(kind=memory.value, slots=slots, temp=memory_temp, lr=memory_lr, norm=memory_norm.value,
+            # the memory sits in the second-to-last block; a one-block model hosts it in its only block
+            memory=MemoryConfig(kind=memory.value, slots=slots, layer=max(MM.layer, -layers), temp=memory_temp, lr=memory_lr, norm=memory_norm.value,
                                 entries=memory_entries, key_bytes=memory_key_bytes),
         ).check()
         train_cfg = TrainConfig(
@@ -107,6 +110,9 @@ def train(
 def _check_new_out(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise InputError(f"--out {out} is a file, not a folder")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"--out {out}: {blocker} is a file, not a folder")
     if out.is_dir() and any(out.iterdir()):
         if (out / runs.CONFIG).exists():
             raise InputError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
@@ -119,6 +125,7 @@ def _check_new_out(out: Path) -> None:
 
 
 def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, eval_every: int, device: str):
+    state = runs.check_resumable(run)  # config, weights and training state all load, before any work
     saved_model = runs.load_model_config(run)
     saved_train = runs.load_train_config(run)
     flag_to_value = {
@@ -144,7 +151,11 @@ def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, 
             changes[name] = value
     from dataclasses import replace
 
-    return saved_model, replace(saved_train, **changes).check(saved_model.memory)
+    train_cfg = replace(saved_train, **changes).check(saved_model.memory)
+    if state["step"] >= train_cfg.iters:
+        raise InputError(f"{run} already trained {state['step']} steps (--iters {train_cfg.iters}); "
+                         f"pass --iters above {state['step']} to go on")
+    return saved_model, train_cfg
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
