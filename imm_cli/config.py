@@ -33,6 +33,7 @@ class MemoryConfig:
     entries: int = 64  # episodic: key/value entries a slot keeps from one written segment (most surprising first)
     key_bytes: int = 8  # episodic: a key is the previous `key_bytes` bytes, so a repeated context finds its entry
     key_dim: int = 64  # episodic: width of keys and queries
+    local: bool = True  # episodic: positions also read the entries of earlier positions of their own segment
     decay: float = 0.9  # episodic: a slot's importance is multiplied by this at every later write (older fades)
     gate_bias: float = 1.0  # initial bias of the read gate: sigmoid(1.0) = 0.73, the gate starts open
 

@@ -172,6 +172,7 @@ class GPT(nn.Module):
         caches: list[KVCache] | None = None,
         pos_offset: int = 0,
         write: bool = True,
+        window: Tensor | None = None,
     ) -> GPTOutput:
         """idx (b n) bytes; targets (b n) next bytes, -1 = unknown; prev (b p) bytes before idx."""
         b, n = idx.shape
@@ -185,6 +186,8 @@ class GPT(nn.Module):
         if write_targets is None:  # positions whose next byte is in idx are still worth writing
             write_targets = torch.cat([idx[:, 1:], idx.new_full((b, 1), -1)], dim=1)
         seg = Segment(ids=idx, prev=prev, targets=write_targets)
+        if window is not None:  # incremental step: the memory may look back over the whole window
+            seg.window, seg.window_prev = window, prev[:, : prev.shape[1] - (window.shape[1] - n)]
 
         pos = torch.arange(pos_offset, pos_offset + n, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
@@ -251,5 +254,6 @@ class GPT(nn.Module):
                 start = stream.shape[1] - (B - B // 4)
             else:
                 pos = stream.shape[1] - 1 - start
-                logits = self(nxt, state=state, prev=stream[:, :-1], caches=caches, pos_offset=pos, write=False).logits[:, -1]
+                logits = self(nxt, state=state, prev=stream[:, :-1], caches=caches, pos_offset=pos, write=False,
+                              window=stream[:, start:]).logits[:, -1]
         return torch.cat(out, dim=1) if out else idx.new_zeros((idx.shape[0], 0))

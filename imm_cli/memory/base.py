@@ -28,6 +28,8 @@ class Segment:
     ids: Tensor  # (b n) the segment's bytes
     prev: Tensor  # (b p) bytes just before the segment in the same stream (p may be 0)
     targets: Tensor  # (b n) the next byte after each position, -1 where unknown
+    window: Tensor | None = None  # (b w) incremental generation: the whole window so far, ending with ids
+    window_prev: Tensor | None = None  # (b p) bytes before the window
 
 
 class Memory(nn.Module):

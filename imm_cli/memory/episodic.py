@@ -3,7 +3,8 @@
 Each write takes one segment and keeps its `entries` most surprising positions as separate entries:
   key   = the previous `key_bytes` bytes up to and including position i (a learned n-gram embedding),
   value = a learned embedding of the byte that followed (the byte the model failed to predict).
-The entries go into one slot: an empty one first, else the slot of lowest importance (mean surprise
+With `local`, a position also reads the entries of its own segment's earlier positions (the same
+lookup, for a fact still inside the window). The entries go into one slot: an empty one first, else the slot of lowest importance (mean surprise
 of its entries, multiplied by `decay` at each later write, so old and unsurprising segments go
 first). Reading is attention of each position's own n-gram query over every stored entry (cosine
 scores, learned temperature) plus a learned "nothing matches" option, so a fresh memory reads
@@ -48,11 +49,14 @@ class EpisodicMemory(Memory):
     # --- keys ----------------------------------------------------------------------------------
     def context_keys(self, seg: Segment) -> Tensor:
         """(b n dk) unit vectors: the n-gram of the `key_bytes` bytes ending at each position."""
+        return self._ngram(seg.ids, seg.prev)
+
+    def _ngram(self, ids: Tensor, prev: Tensor) -> Tensor:
         K = self.cfg.key_bytes
-        b, n = seg.ids.shape
-        prev = seg.prev[:, -(K - 1):] if K > 1 else seg.prev[:, :0]
-        pad = torch.full((b, K - 1 - prev.shape[1]), PAD, dtype=seg.ids.dtype, device=seg.ids.device)
-        stream = torch.cat([pad, prev, seg.ids], dim=1)  # (b, n + K - 1)
+        b, n = ids.shape
+        prev = prev[:, -(K - 1):] if K > 1 else prev[:, :0]
+        pad = torch.full((b, K - 1 - prev.shape[1]), PAD, dtype=ids.dtype, device=ids.device)
+        stream = torch.cat([pad, prev, ids], dim=1)  # (b, n + K - 1)
         windows = stream.unfold(1, K, 1).flip(-1)  # (b n K): offset 0 = the current byte
         offsets = torch.arange(K, device=stream.device)
         emb = self.key_emb[offsets, windows]  # (b n K dk)
@@ -72,19 +76,34 @@ class EpisodicMemory(Memory):
     def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
         b, n, _ = h.shape
         S, E = self.cfg.slots, self.cfg.entries
-        q = self.context_keys(seg)
+        window, window_prev = (seg.ids, seg.prev) if seg.window is None else (seg.window, seg.window_prev)
+        w = window.shape[1]
+        kw = self._ngram(window, window_prev)  # (b w k): the context ending at each window position
+        q = kw[:, w - n :]
         keys = rearrange(state["keys"], "b s e k -> b (s e) k")
         values = rearrange(state["values"], "b s e d -> b (s e) d")
         valid = rearrange(state["valid"], "b s e -> b 1 (s e)")
         scale = self.log_scale.exp()
         scores = einsum(q, keys, "b n k, b m k -> b n m") * scale
-        scores = scores.masked_fill(~valid, -math.inf)
-        null = (scale * self.null_cos).expand(b, n, 1)
-        attn = torch.softmax(torch.cat([scores, null], dim=-1), dim=-1)[..., :-1]  # (b n m)
-        read = self.out(einsum(attn, values, "b n m, b m d -> b n d"))
+        parts = [scores.masked_fill(~valid, -math.inf)]
+        if self.cfg.local:
+            # this segment's own entries: position j's context -> byte j+1, readable once j+1 <= i
+            local = einsum(q, kw, "b i k, b j k -> b i j") * scale
+            seen = torch.ones(n, w, dtype=torch.bool, device=h.device).tril(w - n - 1)
+            parts.append(local.masked_fill(~seen, -math.inf))
+        parts.append((scale * self.null_cos).expand(b, n, 1))
+        attn = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
+        m = S * E
+        read = einsum(attn[..., :m], values, "b n m, b m d -> b n d")
+        if self.cfg.local:
+            nxt = F.pad(window[:, 1:], (0, 1), value=PAD)  # the byte after each position
+            read = read + einsum(attn[..., m : m + w], self.value_emb(nxt), "b i j, b j d -> b i d")
+        read = self.out(read)
         gate = torch.sigmoid(self.gate(h))
         if self.observe:
-            self._record(read_attn=rearrange(attn, "b n (s e) -> b n s e", s=S, e=E).sum(-1), gate=gate.squeeze(-1))
+            self._record(read_attn=rearrange(attn[..., :m], "b n (s e) -> b n s e", s=S, e=E).sum(-1),
+                         local_attn=attn[..., m : m + w].sum(-1) if self.cfg.local else torch.zeros(b, n),
+                         gate=gate.squeeze(-1))
         return gate * read
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:

@@ -1,0 +1,142 @@
+"""Operations the recall experiments share: write a text into memory, score and complete a fact.
+
+Everything is batched over facts: row i of every tensor belongs to fact i (or to one memory
+instance), so an experiment over 16 facts costs a handful of forward passes, not hundreds.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from imm_cli.data import encode
+from imm_cli.facts import Fact
+from imm_cli.memory import State
+from imm_cli.model import GPT
+
+
+def as_ids(texts: list[bytes], device) -> torch.Tensor:
+    """Equal-length byte strings -> (b n) long tensor."""
+    n = {len(t) for t in texts}
+    assert len(n) == 1, f"rows must have equal length, got {sorted(n)}"
+    arr = np.frombuffer(b"".join(texts), dtype=np.uint8).reshape(len(texts), -1)
+    return torch.from_numpy(arr.astype(np.int64)).to(device)
+
+
+def repeat_state(state: State | None, times: int) -> State | None:
+    """Each memory instance repeated `times` times, consecutively (row i -> rows i*times..)."""
+    if state is None:
+        return None
+    return {k: v.repeat_interleave(times, dim=0) for k, v in state.items()}
+
+
+def select_state(state: State | None, index: torch.Tensor) -> State | None:
+    if state is None:
+        return None
+    return {k: v[index] for k, v in state.items()}
+
+
+@torch.no_grad()
+def write_text(model: GPT, state: State | None, ids: torch.Tensor, prev: torch.Tensor | None = None):
+    """Present (b L) bytes once, segment by segment, memory updates on. Returns (state, last bytes).
+
+    The next byte of each position is known inside the text (it is the write's value); the last
+    position's next byte is not, so it is not written.
+    """
+    B = model.cfg.block_size
+    targets = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -1)], dim=1)
+    for s in range(0, ids.shape[1], B):
+        x = ids[:, s : s + B]
+        state = model(x, targets=targets[:, s : s + B], state=state, prev=prev).state
+        prev = x
+    return state, prev
+
+
+def text_window(text: np.ndarray, length: int, rng: random.Random) -> bytes:
+    """`length` bytes of real text starting at a line start (random place)."""
+    for _ in range(50):
+        start = rng.randrange(0, len(text) - length - 200)
+        nl = text[start : start + 200].tobytes().find(b"\n")
+        if nl >= 0:
+            start += nl + 1
+            break
+    return text[start : start + length].tobytes()
+
+
+def haystack(text: np.ndarray, fact: Fact | None, length: int, depth: float, rng: random.Random) -> bytes:
+    """`length` bytes of real text with the fact as one line at `depth` (0 = start, 1 = end)."""
+    if fact is None:
+        return text_window(text, length, rng)
+    line = b"\n" + fact.text.encode() + b"\n"
+    filler = text_window(text, max(length - len(line), 0), rng)
+    at = int(round(depth * len(filler)))
+    if 0 < at < len(filler):  # move to a line start so the fact reads as its own line
+        nl = filler.rfind(b"\n", 0, at)
+        at = nl + 1 if nl >= 0 else at
+    return (filler[:at] + line + filler[at:])[:max(length, len(line))]
+
+
+def cue_prompt(text: np.ndarray, fact: Fact, length: int, rng: random.Random, before: bytes = b"") -> bytes:
+    """`before` + other real text + "\\n" + cue, exactly `length` bytes: a new context ending in the cue."""
+    tail = b"\n" + fact.cue.encode()
+    k = length - len(tail) - len(before)
+    if k < 0:
+        raise ValueError("prompt too short for its content")
+    return before + text_window(text, k, rng) + tail if k else before + tail
+
+
+@torch.no_grad()
+def score_rests(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes]) -> dict[str, torch.Tensor]:
+    """Teacher-forced scores of each rest after its prompt (memory frozen, read on).
+
+    prompts (b P); rests: b byte strings. Returns per-row loss per byte, greedy byte accuracy,
+    and the next-byte log-probabilities at every rest position (for divergences).
+    """
+    b, P = prompts.shape
+    R = max(len(r) for r in rests)
+    rest_ids = torch.full((b, R), 0, dtype=torch.long, device=prompts.device)
+    mask = torch.zeros((b, R), dtype=torch.bool, device=prompts.device)
+    for i, r in enumerate(rests):
+        rest_ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+        mask[i, : len(r)] = True
+    x = torch.cat([prompts, rest_ids], dim=1)[:, :-1]
+    logits = model(x, state=state, write=False).logits[:, P - 1 :]  # predictions of the rest bytes
+    logp = F.log_softmax(logits.float(), dim=-1)
+    nll = -logp.gather(-1, rest_ids[..., None]).squeeze(-1)
+    hit = (logits.argmax(-1) == rest_ids) & mask
+    n = mask.sum(1).clamp(min=1)
+    return {
+        "loss_per_byte": (nll * mask).sum(1) / n,
+        "char_accuracy": hit.sum(1) / n,
+        "logp": logp,
+        "mask": mask,
+    }
+
+
+@torch.no_grad()
+def complete(model: GPT, state: State | None, prompts: torch.Tensor, n: int) -> list[bytes]:
+    """Greedy completion of n bytes after each prompt (KV cache, memory read, never written)."""
+    out = model.generate(prompts, n, state=state)
+    return [bytes(row.tolist()) for row in out.cpu()]
+
+
+def exact_matches(generated: list[bytes], rests: list[bytes]) -> list[bool]:
+    return [g[: len(r)] == r for g, r in zip(generated, rests)]
+
+
+@torch.no_grad()
+def recall_at_1(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes]) -> torch.Tensor:
+    """Row i: is fact i's true rest the lowest-loss (per byte) rest among all facts' rests?"""
+    N = len(rests)
+    big_state = repeat_state(state, N)
+    big_prompts = prompts.repeat_interleave(N, dim=0)
+    big_rests = [rests[j] for _ in range(N) for j in range(N)]
+    loss = score_rests(model, big_state, big_prompts, big_rests)["loss_per_byte"].view(N, N)
+    return loss.argmin(dim=1) == torch.arange(N, device=loss.device)
+
+
+def encode_rests(facts: list[Fact]) -> list[bytes]:
+    return [bytes(encode(f.rest)) for f in facts]
