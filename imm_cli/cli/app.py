@@ -7,7 +7,9 @@ import sys
 
 import typer
 
+from imm_cli.cli import store as store_cmd
 from imm_cli.cli import train as train_cmd
+from imm_cli.cli import usage as usage_cmd
 
 app = typer.Typer(
     name="imm",
@@ -29,6 +31,8 @@ def _root() -> None:
 
 
 app.command("train")(train_cmd.train)
+app.command("store")(store_cmd.store)
+app.command("usage")(usage_cmd.usage)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,140 @@
+"""`imm store`: the pattern storage test (does the memory state resemble what it was shown?)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from imm_cli import runs
+from imm_cli.cli.common import _clean, console, fmt, handle_errors, print_json
+from imm_cli.errors import InputError
+
+STORE_JSON = "store.json"
+USAGE_JSON = "usage.json"
+COMBINED_PNG = "optimal_config_results.png"
+
+RUN_HELP = "Run folder made by `imm train` (it must have memory: --slots 1 or more)."
+SEQ_HELP = "Consecutive sequences of the model's block size, memory carried across them with updates on."
+RANDOM_HELP = "Uniform random bytes instead of the validation text (the notes' original setting)."
+SEED_HELP = "Seed of the start in the validation split, the random tokens and the random control."
+OUT_HELP = "Folder for the plots and the JSON result [default: the run folder]."
+
+
+# --- shared by store and usage ---------------------------------------------------------------------
+def check_out(run: Path, out: Optional[Path]) -> Path:
+    """The output folder; refused before any work if it cannot be one. Created only when writing."""
+    out = run if out is None else out
+    if out.exists() and not out.is_dir():
+        raise InputError(f"--out {out} is a file, not a folder")
+    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(parent, os.W_OK):
+        raise InputError(f"--out {out}: {parent} is not writable")
+    return out
+
+
+def save_results(doc: dict, name: str, out: Path, plot) -> dict:
+    """Write the plot and the JSON result, and the combined figure when both results are there."""
+    out.mkdir(parents=True, exist_ok=True)
+    files = {}
+    png = out / plot[0]
+    plot[1](doc, png)
+    files["plot"] = str(png)
+    path = out / name
+    files["json"] = str(path)
+    combined = _combined(doc, name, out)
+    if combined:
+        files["combined"] = str(combined)
+    runs.atomic_write_json(path, _clean({**doc, "files": files}))
+    return files
+
+
+def _combined(doc: dict, name: str, out: Path) -> Path | None:
+    other_name = USAGE_JSON if name == STORE_JSON else STORE_JSON
+    other_path = out / other_name
+    if not other_path.is_file():
+        return None
+    try:
+        other = json.loads(other_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        console.print(f"[yellow]warning:[/] {other_path} is unreadable; {COMBINED_PNG} not drawn")
+        return None
+    if Path(str(other.get("run"))).resolve() != Path(doc["run"]).resolve():
+        console.print(f"[yellow]warning:[/] {other_path} is from another run ({other.get('run')}); {COMBINED_PNG} not drawn")
+        return None
+    from imm_cli.plots.store_usage import plot_combined
+
+    store, usage = (_clean(doc), other) if name == STORE_JSON else (other, _clean(doc))
+    path = out / COMBINED_PNG
+    try:
+        plot_combined(store, usage, path)
+    except (KeyError, TypeError, ValueError, IndexError) as e:
+        console.print(f"[yellow]warning:[/] {other_path} does not look like an imm result ({e.__class__.__name__}); {COMBINED_PNG} not drawn")
+        return None
+    return path
+
+
+def memory_rows(t: Table, r) -> None:
+    m = r.memory
+    t.add_row("memory", f"{m['kind']}, {m['slots']} slots in block {m['layer']}, width {m['width']}")
+    t.add_row("memory share of parameters", f"{100 * m['memory_share']:.2f}% ({m['memory_params']:,} of {m['params']:,})")
+    t.add_row("sequences", f"{r.sequences} x {r.block_size} bytes, batch 1, memory carried and written")
+    t.add_row("source", r.source)
+
+
+def files_line(files: dict) -> None:
+    console.print("wrote " + ", ".join(files.values()), highlight=False, soft_wrap=True)
+
+
+# --- the command ---------------------------------------------------------------------------------
+@handle_errors
+def store(
+    run: Path = typer.Option(..., "--run", help=RUN_HELP),
+    sequences: int = typer.Option(50, help=SEQ_HELP),
+    random_tokens: bool = typer.Option(False, "--random-tokens", help=RANDOM_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document with every figure and the per-sequence series on stdout."),
+) -> None:
+    """Pattern storage test: cosine between memory slots and each sequence's mean hidden state, with controls."""
+    from imm_cli.experiments.store import pattern_storage
+    from imm_cli.plots.store_usage import plot_pattern_similarity
+
+    out_dir = check_out(run, out)
+    r = pattern_storage(run, sequences=sequences, random_tokens=random_tokens, seed=seed)
+    doc = r.to_dict()
+    files = save_results(doc, STORE_JSON, out_dir, ("pattern_similarity.png", plot_pattern_similarity))
+    _table(r)
+    files_line(files)
+    if json_out:
+        print_json({**doc, "files": files})
+
+
+def _pm(mean, std) -> str:
+    return "undefined" if mean is None or mean != mean else f"{mean:.3f} ± {std:.3f}"
+
+
+def _table(r) -> None:
+    t = Table(title=f"imm store: {r.run}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    memory_rows(t, r)
+    t.add_row("pattern similarity s_t, mean ± std", _pm(r.mean, r.std))
+    t.add_row("s_t min / max", f"{fmt(r.min)} / {fmt(r.max)}")
+    t.add_row("best slot, mean", fmt(r.best_slot_mean))
+    tr = r.trend
+    t.add_row(f"trend: first {tr['window']} -> last {tr['window']} sequences", f"{fmt(tr['first'])} -> {fmt(tr['last'])} ({tr['delta']:+.3f})")
+    t.add_row("slot-to-slot cosine (final state, mean of pairs)", fmt(r.slot_cosine))
+    for name, label in (("initial", "control: memory in its initial state"), ("random", "control: random unit vectors"),
+                        ("other_sequence", "control: slots vs another sequence")):
+        c = r.controls[name]
+        t.add_row(label, _pm(c["mean"], c["std"]))
+    t.add_row("empty slots (first / last sequence)", f"{r.empty_slots[0]} / {r.empty_slots[-1]}")
+    t.add_row("NaN/inf seen", "yes: " + "; ".join(r.nonfinite_where[:3]) if r.nonfinite else "no")
+    console.print(t)
+    for n in r.notes:
+        console.print(f"note: {n}", highlight=False)

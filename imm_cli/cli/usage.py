@@ -1,0 +1,82 @@
+"""`imm usage`: the slot usage analysis (which slots are read, and how evenly)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from imm_cli.cli.common import console, fmt, handle_errors, print_json
+from imm_cli.cli.store import (OUT_HELP, RANDOM_HELP, RUN_HELP, SEED_HELP, SEQ_HELP, USAGE_JSON, check_out, files_line,
+                               memory_rows, save_results)
+
+
+@handle_errors
+def usage(
+    run: Path = typer.Option(..., "--run", help=RUN_HELP),
+    sequences: int = typer.Option(50, help=SEQ_HELP),
+    random_tokens: bool = typer.Option(False, "--random-tokens", help=RANDOM_HELP),
+    seed: int = typer.Option(0, help=SEED_HELP),
+    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    json_out: bool = typer.Option(False, "--json", help="Print one JSON document with every figure and the usage matrix on stdout."),
+) -> None:
+    """Slot usage analysis: read attention per slot (slot mean = 1), evenness that can fail, gate values."""
+    from imm_cli.experiments.usage import slot_usage
+    from imm_cli.plots.store_usage import plot_slot_usage
+
+    out_dir = check_out(run, out)
+    r = slot_usage(run, sequences=sequences, random_tokens=random_tokens, seed=seed)
+    doc = r.to_dict()
+    files = save_results(doc, USAGE_JSON, out_dir, ("slot_usage_heatmap.png", plot_slot_usage))
+    _tables(r)
+    files_line(files)
+    if json_out:
+        print_json({**doc, "files": files})
+
+
+def _slots(xs: list[int]) -> str:
+    return ", ".join(map(str, xs)) if xs else "none"
+
+
+def _tables(r) -> None:
+    t = Table(title=f"imm usage: {r.run}")
+    t.add_column("figure")
+    t.add_column("value", justify="right")
+    memory_rows(t, r)
+    t.add_row("mean usage per slot (1.0 by construction)", "1.000")
+    t.add_row("normalised entropy of slot means (1 = even)", fmt(r.entropy))
+    t.add_row("min/max ratio of slot means (1 = even)", fmt(r.min_max_ratio))
+    t.add_row("coefficient of variation (0 = even)", fmt(r.cv))
+    ps = r.per_sequence
+    t.add_row("per sequence: entropy / min-max / cv (means)",
+              f"{fmt(ps['entropy_mean'])} / {fmt(ps['min_max_ratio_mean'])} / {fmt(ps['cv_mean'])}")
+    t.add_row("dead slots (mean usage < 0.1)", _slots(r.dead_slots))
+    t.add_row("dominant slots (mean usage > 3)", _slots(r.dominant_slots))
+    rm = [x for x in r.read_mass if x == x]
+    t.add_row("read attention on slots per token", fmt(sum(rm) / len(rm)) if rm else "-")
+    for g in r.gates:
+        t.add_row(f"read gate, block {g['layer']}: mean ± std (min..max)",
+                  f"{fmt(g['mean'])} ± {fmt(g['std'])} ({fmt(g['min'])}..{fmt(g['max'])})")
+    if r.undefined_rows:
+        t.add_row("sequences with nothing to read (usage undefined)", str(r.undefined_rows))
+    t.add_row("NaN/inf seen", "yes" if r.nonfinite else "no")
+    console.print(t)
+
+    s = Table(title="per slot")
+    s.add_column("slot", justify="right")
+    s.add_column("mean usage", justify="right")
+    s.add_column("min", justify="right")
+    s.add_column("max", justify="right")
+    if r.writes is not None:
+        s.add_column("share of writes", justify="right")
+    for j, m in enumerate(r.slot_mean):
+        flag = " dead" if j in r.dead_slots else " dominant" if j in r.dominant_slots else ""
+        row = [str(j), fmt(m) + flag, fmt(r.slot_min[j]), fmt(r.slot_max[j])]
+        if r.writes is not None:
+            row.append(fmt(r.writes[j]))
+        s.add_row(*row)
+    console.print(s)
+    for n in r.notes:
+        console.print(f"note: {n}", highlight=False)

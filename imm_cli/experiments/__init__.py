@@ -1,0 +1,1 @@
+"""Experiments: plain functions over a loaded run that return result objects (never print)."""
