@@ -8,6 +8,8 @@ import sys
 import typer
 
 from imm_cli.cli import store as store_cmd
+from imm_cli.cli import needle as needle_cmd
+from imm_cli.cli import recall as recall_cmd
 from imm_cli.cli import train as train_cmd
 from imm_cli.cli import usage as usage_cmd
 
@@ -33,6 +35,8 @@ def _root() -> None:
 app.command("train")(train_cmd.train)
 app.command("store")(store_cmd.store)
 app.command("usage")(usage_cmd.usage)
+app.command("recall")(recall_cmd.recall)
+app.command("needle")(needle_cmd.needle)
 
 
 def main(argv: list[str] | None = None) -> int:

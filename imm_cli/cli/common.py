@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+from pathlib import Path
 from typing import Any, Callable
 
 import typer
@@ -23,6 +24,23 @@ def fail(message: str, code: int) -> None:
     one_line = " ".join(str(message).split())
     console.print(f"[bold red]error:[/] {escape(one_line)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
+
+
+def check_out_folder(out: Path, flag: str = "--out") -> None:
+    """Refuse, before any work, an output folder that cannot be created or written (one line, exit 2).
+
+    Checks the path itself (a file is not a folder), every existing ancestor (a file in the path
+    makes mkdir fail later) and write permission on the nearest existing folder. Creates nothing.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InputError(f"{flag} {out} is a file, not a folder")
+    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        raise InputError(f"{flag} {out}: {blocker} is a file, not a folder")
+    nearest = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
+    if not os.access(nearest, os.W_OK | os.X_OK):
+        raise InputError(f"{flag} {out}: {nearest} is not writable")
 
 
 def handle_errors(fn: Callable) -> Callable:
@@ -72,3 +90,14 @@ def fmt(x: float | None, digits: int = 3) -> str:
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return f"{x:.{digits}f}"
+
+
+def parse_list(text: str, kind, flag: str) -> list:
+    """'256,512' -> [256, 512]; a bad item is an input error naming the flag."""
+    try:
+        items = [kind(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise InputError(f"{flag} must be a comma-separated list of {kind.__name__} values (got {text!r})") from None
+    if not items:
+        raise InputError(f"{flag} is empty")
+    return items
