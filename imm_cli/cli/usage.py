@@ -56,6 +56,9 @@ def _tables(r) -> None:
     t.add_row("dominant slots (mean usage > 3)", _slots(r.dominant_slots))
     rm = [x for x in r.read_mass if x == x]
     t.add_row("read attention on slots per token", fmt(sum(rm) / len(rm)) if rm else "-")
+    if r.local_mass is not None:
+        lm = [x for x in r.local_mass if x == x]
+        t.add_row("read attention on the segment's own bytes per token", fmt(sum(lm) / len(lm)) if lm else "-")
     for g in r.gates:
         t.add_row(f"read gate, block {g['layer']}: mean ± std (min..max)",
                   f"{fmt(g['mean'])} ± {fmt(g['std'])} ({fmt(g['min'])}..{fmt(g['max'])})")

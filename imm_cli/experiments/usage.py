@@ -51,6 +51,7 @@ class UsageResult:
     dominant_slots: list[int]
     per_sequence: dict  # entropy, min_max_ratio, cv per sequence and their means
     read_mass: list[float]  # attention mass on the slots per token, per sequence
+    local_mass: list[float] | None  # episodic with `local`: attention mass on the segment's own earlier entries per token
     writes: list[float] | None  # episodic: share of the writes each slot received (sums to 1); linformer: None
     # (each linformer slot takes exactly one unit of write attention per segment by construction)
     gates: list[dict]  # per memory layer: layer, mean, std, min, max of the read gate
@@ -74,6 +75,7 @@ def slot_usage(run_dir: Path, sequences: int = 50, random_tokens: bool = False, 
     T, S = sequences, model.cfg.memory.slots
     mass = np.zeros((T, S))
     read_mass = np.full(T, np.nan)
+    local_mass = np.full(T, np.nan)
     writes = np.zeros(S)
     gates: list[np.ndarray] = []
     nonfinite = False
@@ -86,6 +88,9 @@ def slot_usage(run_dir: Path, sequences: int = 50, random_tokens: bool = False, 
             mass[t] += a.sum(0).numpy()
         n = stream.x.shape[1]
         read_mass[t] = mass[t].sum() / (n * max(1, len(reads)))
+        local = pick(records, "local_attn")
+        if local:
+            local_mass[t] = float(sum(a.double().sum() for a in local)) / (n * len(local))
         gates += [g.reshape(-1).double().numpy() for g in pick(records, "gate")]
         for w in pick(records, "write_slot"):  # (1 s) one-hot: episodic, which slot was written
             writes += w[0].double().numpy()
@@ -118,6 +123,7 @@ def slot_usage(run_dir: Path, sequences: int = 50, random_tokens: bool = False, 
         entropy=even["entropy"], min_max_ratio=even["min_max_ratio"], cv=even["cv"],
         dead_slots=even["dead_slots"], dominant_slots=even["dominant_slots"],
         per_sequence=per_seq, read_mass=_l(read_mass),
+        local_mass=_l(local_mass) if np.isfinite(local_mass).any() else None,
         writes=_l(writes / writes.sum()) if writes.sum() > 0 else None,
         gates=[{"layer": layer, "mean": gs["mean"], "std": gs["std"], "min": gs["min"], "max": gs["max"]}],
         undefined_rows=int((~defined).sum()), nonfinite=bool(nonfinite), notes=notes,
