@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import console, fmt, handle_errors, print_json
+from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json
 from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig, to_dict
 from imm_cli.errors import InputError
 
@@ -56,7 +56,7 @@ def train(
     memory_lr: float = typer.Option(MM.lr, help="Linformer memory: EMA rate of a write (notes' best 0.04)."),
     memory_norm: Norm = typer.Option(Norm.layer, help="Linformer memory: state normalisation, layer or l2."),
     memory_temp: Optional[float] = typer.Option(None, help="Read temperature of the cosine attention [default: 0.8 linformer, 0.05 episodic (learned from there)]."),
-    memory_entries: int = typer.Option(MM.entries, help="Episodic memory: entries kept per slot from one segment (most surprising bytes)."),
+    memory_entries: int = typer.Option(MM.entries, help="Episodic memory: entries kept per slot from one segment, most surprising first; 0 = every position."),
     memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),
     segments: int = typer.Option(D.segments, help="Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with]."),
     curriculum: float = typer.Option(D.curriculum, help="Share of episodes that are synthetic-fact recall episodes (memory models only)."),
@@ -108,20 +108,11 @@ def train(
 
 
 def _check_new_out(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
-    blocker = next((p for p in out.parents if p.exists() and not p.is_dir()), None)
-    if blocker is not None:
-        raise InputError(f"--out {out}: {blocker} is a file, not a folder")
+    check_out_folder(out)
     if out.is_dir() and any(out.iterdir()):
         if (out / runs.CONFIG).exists():
             raise InputError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
         raise InputError(f"--out {out} is not empty; choose an empty or new folder")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    import os
-
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"--out {out}: {parent} is not writable")
 
 
 def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, eval_every: int, device: str):

@@ -1,0 +1,298 @@
+"""One table of bad inputs across the subcommands: each gives exit code 2, one line, no traceback,
+and leaves every file as it was.
+
+To add a case, append `Case(id, setup)` to CASES: `setup(ctx)` prepares files under `ctx.tmp` and
+returns the argv (without `imm`). A case whose subcommand is not registered yet is skipped.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import pathlib
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from conftest import TINY, run_imm, snapshot
+
+MARKER = "PWNED_MARKER"
+
+
+@dataclass
+class Ctx:
+    tmp: Path
+    source_run: Path
+
+    def file(self, name: str, data: bytes | str) -> str:
+        p = self.tmp / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_bytes(data.encode() if isinstance(data, str) else data)
+        return str(p)
+
+    def dir(self, name: str, *files: str) -> str:
+        p = self.tmp / name
+        p.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (p / f).write_text("not a run\n")
+        return str(p)
+
+    def run(self, name: str = "run") -> Path:
+        """A copy of the tiny trained run (episodic, 8 slots, 2 steps), free to damage."""
+        dst = self.tmp / name
+        shutil.copytree(self.source_run, dst)
+        return dst
+
+    @property
+    def out(self) -> str:
+        return str(self.tmp / "out")
+
+    @property
+    def facts(self) -> str:
+        return self.file("facts.txt", "Zorblat Quintus was born in 1872 in Lisbon.\nThe capital of Mars is Olympus City.\n")
+
+
+@dataclass
+class Case:
+    id: str
+    setup: Callable[[Ctx], list[str]]
+    skip_if: Callable[[], str | None] = lambda: None  # a reason to skip on this machine, or None
+
+    @property
+    def command(self) -> str:
+        return self.id.split(":", 1)[0]
+
+
+def _not_root() -> str | None:
+    return "running as root: chmod does not stop root writing (the under-a-file case covers unwritable --out)" \
+        if hasattr(os, "geteuid") and os.geteuid() == 0 else None
+
+
+def _no_cuda() -> str | None:
+    return "this machine has CUDA" if torch.cuda.is_available() else None
+
+
+def train(ctx: Ctx, *args: str, out: bool = True) -> list[str]:
+    return ["train", *TINY, "--iters", "2", *(["--out", ctx.out] if out else []), *args]
+
+
+# --- damaged run folders ---------------------------------------------------------------------------
+def _rewrite_weights(run: Path, change: Callable[[dict], dict]) -> Path:
+    path = run / "model.safetensors"
+    save_file(change(load_file(path)), path, metadata={"format_version": "1", "step": "2"})
+    return run
+
+
+def _damage(ctx: Ctx, name: str, data: bytes | Callable[[bytes], bytes]) -> Path:
+    run = ctx.run()
+    p = run / name
+    p.write_bytes(data(p.read_bytes()) if callable(data) else data)
+    return run
+
+
+def _config(ctx: Ctx, change: Callable[[dict], None]) -> Path:
+    run = ctx.run()
+    cfg = json.loads((run / "config.json").read_text())
+    change(cfg)
+    (run / "config.json").write_text(json.dumps(cfg))
+    return run
+
+
+class _RunsCode:
+    """Unpickling this would create the marker file: proof that the loader runs no code."""
+
+    def __init__(self, where: Path) -> None:
+        self.where = where
+
+    def __reduce__(self):
+        return (pathlib.Path.touch, (self.where,))
+
+
+def pickled_code_state(ctx: Ctx) -> Path:
+    run = ctx.run()
+    state = torch.load(run / "train_state.pt", weights_only=True)
+    state["extra"] = _RunsCode(ctx.tmp / MARKER)
+    buf = io.BytesIO()
+    torch.save(state, buf)
+    (run / "train_state.pt").write_bytes(buf.getvalue())
+    return run
+
+
+def resume(run: Path | str, *args: str) -> list[str]:
+    return ["train", "--resume", str(run), "--iters", "4", *args]
+
+
+def _set(d: dict, path: str, value) -> None:
+    keys = path.split(".")
+    for k in keys[:-1]:
+        d = d[k]
+    d[keys[-1]] = value
+
+
+CASES: list[Case] = [
+    # --- train: data files
+    Case("train:data-missing", lambda c: train(c, "--data", str(c.tmp / "nope.txt"))),
+    Case("train:data-empty", lambda c: train(c, "--data", c.file("empty.txt", b""))),
+    Case("train:data-binary", lambda c: train(c, "--data", c.file("bin.txt", b"hello\x00world" * 500))),
+    Case("train:data-not-utf8", lambda c: train(c, "--data", c.file("latin1.txt", "caf\xe9 au lait\n".encode("latin-1") * 2000))),
+    Case("train:data-directory", lambda c: train(c, "--data", c.dir("somedir"))),
+    Case("train:data-too-small", lambda c: train(c, "--data", c.file("small.txt", "To be or not to be.\n"))),
+    # --- train: output folder
+    Case("train:out-under-a-file", lambda c: train(c, "--out", c.file("plain.txt", "x") + "/run", out=False)),
+    Case("train:out-is-a-file", lambda c: train(c, "--out", c.file("plain.txt", "x"), out=False)),
+    Case("train:out-unwritable", lambda c: (os.chmod(c.dir("locked"), 0o500), train(c, "--out", str(c.tmp / "locked" / "run"), out=False))[1],
+         skip_if=_not_root),
+    Case("train:out-holds-a-run", lambda c: train(c, "--out", str(c.run()), out=False)),
+    Case("train:out-not-empty", lambda c: train(c, "--out", c.dir("busy", "notes.txt"), out=False)),
+    # --- train: numbers out of range, flags that do not fit together
+    Case("train:slots-negative", lambda c: train(c, "--slots", "-1")),
+    Case("train:block-size-0", lambda c: train(c, "--block-size", "0")),
+    Case("train:iters-0", lambda c: train(c, "--iters", "0")),
+    Case("train:memory-temp-0", lambda c: train(c, "--memory-temp", "0")),
+    Case("train:memory-lr-2", lambda c: train(c, "--memory-lr", "2")),
+    Case("train:heads-not-dividing-embd", lambda c: train(c, "--heads", "3", "--embd", "32")),
+    Case("train:lr-0", lambda c: train(c, "--lr", "0")),
+    Case("train:curriculum-1.5", lambda c: train(c, "--curriculum", "1.5")),
+    Case("train:batch-not-whole-episodes", lambda c: train(c, "--batch-size", "6")),
+    Case("train:device-cuda-missing", lambda c: train(c, "--device", "cuda"), skip_if=_no_cuda),
+    # --- train: usage errors
+    Case("train:unknown-flag", lambda c: train(c, "--frobnicate", "3")),
+    Case("train:bad-enum-memory", lambda c: train(c, "--memory", "lstm")),
+    Case("train:bad-enum-device", lambda c: train(c, "--device", "tpu")),
+    Case("train:not-a-number", lambda c: train(c, "--iters", "ten")),
+    Case("train:flag-without-value", lambda c: [*train(c), "--iters"]),
+    Case("train:extra-argument", lambda c: [*train(c), "surplus"]),
+    Case("unknown-command:frob", lambda c: ["frob", "--run", str(c.tmp)]),
+    # --- train --resume: the folder
+    Case("train:resume-missing", lambda c: resume(c.tmp / "no-such-run")),
+    Case("train:resume-not-a-run", lambda c: resume(c.dir("notrun", "readme.txt"))),
+    Case("train:resume-a-file", lambda c: resume(c.file("plain.txt", "x"))),
+    Case("train:resume-disagreeing-slots", lambda c: resume(c.run(), "--slots", "4")),
+    Case("train:resume-disagreeing-memory", lambda c: resume(c.run(), "--memory", "linformer")),
+    Case("train:resume-disagreeing-block", lambda c: resume(c.run(), "--block-size", "64")),
+    Case("train:resume-other-out", lambda c: resume(c.run(), "--out", str(c.tmp / "elsewhere"))),
+    Case("train:resume-nothing-left", lambda c: ["train", "--resume", str(c.run()), "--iters", "2"]),
+    # --- train --resume: damaged files
+    Case("train:weights-empty", lambda c: resume(_damage(c, "model.safetensors", b""))),
+    Case("train:weights-truncated", lambda c: resume(_damage(c, "model.safetensors", lambda b: b[: len(b) // 2]))),
+    Case("train:weights-garbage", lambda c: resume(_damage(c, "model.safetensors", os.urandom(4096)))),
+    Case("train:weights-wrong-shape", lambda c: resume(_rewrite_weights(c.run(), lambda sd: {**sd, "wte.weight": torch.zeros(256, 16)}))),
+    Case("train:weights-missing-key", lambda c: resume(_rewrite_weights(c.run(), lambda sd: {k: v for k, v in sd.items() if k != "ln_f.weight"}))),
+    Case("train:weights-nan", lambda c: resume(_rewrite_weights(c.run(), lambda sd: {**sd, "ln_f.weight": sd["ln_f.weight"] * float("nan")}))),
+    Case("train:weights-missing", lambda c: resume((lambda r: ((r / "model.safetensors").unlink(), r)[1])(c.run()))),
+    Case("train:config-garbage", lambda c: resume(_damage(c, "config.json", b"{\"format_version\": 1, \"model\": {"))),
+    Case("train:config-not-utf8", lambda c: resume(_damage(c, "config.json", b"\xff\xfe{}"))),
+    Case("train:config-future-version", lambda c: resume(_config(c, lambda d: _set(d, "format_version", 99)))),
+    Case("train:config-wrong-type", lambda c: resume(_config(c, lambda d: _set(d, "model.n_embd", 32.5)))),
+    Case("train:config-bad-value", lambda c: resume(_config(c, lambda d: _set(d, "model.memory.kind", "lstm")))),
+    Case("train:config-missing", lambda c: resume((lambda r: ((r / "config.json").unlink(), r)[1])(c.run()))),
+    Case("train:state-pickled-code", lambda c: resume(pickled_code_state(c))),
+    Case("train:state-garbage", lambda c: resume(_damage(c, "train_state.pt", os.urandom(2048)))),
+    Case("train:state-truncated", lambda c: resume(_damage(c, "train_state.pt", lambda b: b[: len(b) // 3]))),
+    Case("train:state-wrong-structure", lambda c: resume(_damage(c, "train_state.pt", lambda b: _torch_bytes({"step": "two", "model": {}, "optimizer": {}})))),
+    Case("train:state-missing", lambda c: resume((lambda r: ((r / "train_state.pt").unlink(), r)[1])(c.run()))),
+]
+
+
+def _torch_bytes(obj) -> bytes:
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
+
+
+# --- the other subcommands: every one that reads a run folder (and facts) --------------------------
+RUN_COMMANDS = ("store", "usage", "recall", "needle")
+FACT_COMMANDS = ("recall", "needle")
+
+
+def _with_run(cmd: str, c: Ctx, run: Path | str, *args: str) -> list[str]:
+    facts = ["--facts", c.facts] if cmd in FACT_COMMANDS else []
+    return [cmd, "--run", str(run), *facts, *args]
+
+
+for _cmd in RUN_COMMANDS:
+    CASES += [
+        Case(f"{_cmd}:run-missing", lambda c, m=_cmd: _with_run(m, c, c.tmp / "no-such-run")),
+        Case(f"{_cmd}:run-not-a-run", lambda c, m=_cmd: _with_run(m, c, c.dir("notrun", "readme.txt"))),
+        Case(f"{_cmd}:weights-garbage", lambda c, m=_cmd: _with_run(m, c, _damage(c, "model.safetensors", os.urandom(4096)))),
+        Case(f"{_cmd}:weights-wrong-shape", lambda c, m=_cmd: _with_run(m, c, _rewrite_weights(c.run(), lambda sd: {**sd, "wpe.weight": torch.zeros(7, 32)}))),
+        Case(f"{_cmd}:config-future-version", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "format_version", 99)))),
+        Case(f"{_cmd}:unknown-flag", lambda c, m=_cmd: [*_with_run(m, c, c.run()), "--frobnicate"]),
+        Case(f"{_cmd}:out-under-a-file", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", c.file("plain.txt", "x") + "/o")),
+    ]
+for _cmd in FACT_COMMANDS:
+    CASES += [
+        Case(f"{_cmd}:facts-missing", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", str(c.tmp / "nope.txt")]),
+        Case(f"{_cmd}:facts-empty", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", b"")]),
+        Case(f"{_cmd}:facts-binary", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", b"a b c\x00d\n")]),
+        Case(f"{_cmd}:facts-not-utf8", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", b"caf\xe9 au lait noir\n")]),
+        Case(f"{_cmd}:facts-directory", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.dir("fdir")]),
+        Case(f"{_cmd}:facts-only-comments", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", "# nothing\n\n")]),
+    ]
+
+
+def registered_commands() -> set[str]:
+    import typer
+
+    from imm_cli.cli.app import app
+
+    return set(typer.main.get_command(app).commands)
+
+
+REGISTERED = registered_commands()
+
+
+def _prepare(case: Case, tmp_path: Path, tiny_run: Path, monkeypatch) -> tuple[list[str], dict]:
+    if case.command not in REGISTERED and case.command != "unknown-command":
+        pytest.skip(f"`imm {case.command}` is not registered yet")
+    reason = case.skip_if()
+    if reason:
+        pytest.skip(reason)
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)  # a default output folder would land here: it must stay empty too
+    argv = case.setup(Ctx(work, tiny_run))
+    return argv, snapshot(work)
+
+
+def _check(case: Case, r, work: Path, before: dict) -> None:
+    assert r.code == 2, f"{case.id}: exit {r.code}, stderr:\n{r.stderr}"
+    assert "Traceback" not in r.stderr + r.stdout
+    assert len(r.err_lines) == 1, f"{case.id}: expected one line on stderr, got:\n{r.stderr}"
+    assert r.err_lines[0].startswith("error: "), r.err_lines[0]
+    assert r.stdout == "", f"{case.id}: stdout should be empty, got {r.stdout!r}"
+    assert snapshot(work) == before, f"{case.id}: files were written or changed"
+    assert not (work / MARKER).exists(), f"{case.id}: code inside a file ran"
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
+def test_bad_input(case: Case, imm, tmp_path, tiny_run, monkeypatch):
+    argv, before = _prepare(case, tmp_path, tiny_run, monkeypatch)
+    r = imm(*argv)
+    _check(case, r, tmp_path / "work", before)
+
+
+def test_table_is_large_enough():
+    active = [c for c in CASES if c.command in REGISTERED or c.command == "unknown-command"]
+    assert len(active) >= 25
+    assert len({c.id for c in CASES}) == len(CASES), "case ids must be unique"
+
+
+# The same checks through the installed `imm` script in a fresh process, for a sample of the table
+# (a process costs seconds of imports, so not for every case).
+SUBPROCESS_SAMPLE = ["train:data-not-utf8", "train:bad-enum-memory", "train:state-pickled-code"]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", [c for c in CASES if c.id in SUBPROCESS_SAMPLE], ids=SUBPROCESS_SAMPLE)
+def test_bad_input_real_process(case: Case, tmp_path, tiny_run, monkeypatch):
+    argv, before = _prepare(case, tmp_path, tiny_run, monkeypatch)
+    r = run_imm(argv, cwd=tmp_path / "work")
+    _check(case, r, tmp_path / "work", before)
