@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# Train one run, then run the notes' experiments on it, reading figures from --json with python3
+# (any JSON tool works: jq -r .mean store.json does the same).
+#
+#   examples/experiments.sh [RUN_DIR]          # default runs/s8; ITERS=300 for a quick look
+#
+# Every command exits 0 on success, 2 on bad input (one line on stderr), 1 on a failure at run time,
+# so `set -e` stops the chain at the first problem.
+set -euo pipefail
+
+RUN="${1:-runs/s8}"
+ITERS="${ITERS:-3000}"
+FACTS="${FACTS:-$(dirname "$0")/facts.txt}"
+
+json() {  # json KEY.PATH < document: print one field of a JSON document
+    python3 -c 'import json, sys
+d = json.load(sys.stdin)
+for k in sys.argv[1].split("."):
+    d = d[int(k)] if isinstance(d, list) else d[k]
+print(f"{d:.3f}" if isinstance(d, float) else json.dumps(d))' "$1"
+}
+
+if [ ! -f "$RUN/config.json" ]; then
+    imm train --slots 8 --iters "$ITERS" --out "$RUN" --json > "$RUN.train.json"
+fi
+
+# pattern storage test: tables on stderr, the JSON document on stdout (also saved as $RUN/store.json)
+imm store --run "$RUN" --json > "$RUN/store.out.json"
+echo "pattern similarity: $(json mean < "$RUN/store.out.json") +- $(json std < "$RUN/store.out.json")"
+echo "  controls: initial memory $(json controls.initial.mean < "$RUN/store.out.json"), random vectors $(json controls.random.mean < "$RUN/store.out.json")"
+echo "  slot-to-slot cosine: $(json slot_cosine < "$RUN/store.out.json")   NaN/inf: $(json nonfinite < "$RUN/store.out.json")"
+
+# slot usage analysis (also saved as $RUN/usage.json; with both results, optimal_config_results.png is drawn)
+imm usage --run "$RUN" --json > "$RUN/usage.out.json"
+echo "slot usage: entropy $(json entropy < "$RUN/usage.out.json"), min/max $(json min_max_ratio < "$RUN/usage.out.json"), cv $(json cv < "$RUN/usage.out.json")"
+echo "  dead slots: $(json dead_slots < "$RUN/usage.out.json")   read gate mean: $(json gates.0.mean < "$RUN/usage.out.json")"
+
+# recall and needle, once this imm has them
+if imm recall --help > /dev/null 2>&1; then
+    imm recall --run "$RUN" --facts "$FACTS" --json > "$RUN/recall.out.json"
+fi
+if imm needle --help > /dev/null 2>&1; then
+    imm needle --run "$RUN" --facts "$FACTS" --json > "$RUN/needle.out.json"
+fi
+
+echo "plots in $RUN: pattern_similarity.png slot_usage_heatmap.png optimal_config_results.png"
