@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -103,7 +104,9 @@ def train(
     if json_out:
         print_json({**result.to_dict(), "config": {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}})
     if result.interrupted:
-        console.print(f"stopped at step {result.step}; checkpoint saved in {out}. Resume with: imm train --resume {out}")
+        # one unwrapped line, so the command can be copied whole
+        console.print(escape(f"stopped at step {result.step}; checkpoint saved in {out}. Resume with: imm train --resume {out}"),
+                      soft_wrap=True, highlight=False)
         raise typer.Exit(130)
 
 
@@ -112,6 +115,10 @@ def _check_new_out(out: Path) -> None:
     if out.is_dir() and any(out.iterdir()):
         if (out / runs.CONFIG).exists():
             raise InputError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
+        if all(p.name in (runs.TRAIN_STATE, runs.WEIGHTS, runs.METRICS) or p.name.startswith(runs.TMP_PREFIX)
+               for p in out.iterdir()):
+            raise InputError(f"--out {out} holds a run stopped before its first checkpoint was complete; "
+                             f"delete that folder or choose another --out")
         raise InputError(f"--out {out} is not empty; choose an empty or new folder")
 
 
