@@ -238,6 +238,21 @@ for _cmd in FACT_COMMANDS:
     ]
 
 
+# numbers out of range and flags that cannot work, per command
+CASES += [
+    Case("store:sequences-0", lambda c: _with_run("store", c, c.run(), "--sequences", "0")),
+    Case("usage:sequences-negative", lambda c: _with_run("usage", c, c.run(), "--sequences", "-5")),
+    Case("recall:context-negative", lambda c: _with_run("recall", c, c.run(), "--context", "-1")),
+    Case("recall:device-cuda-missing", lambda c: _with_run("recall", c, c.run(), "--device", "cuda"), skip_if=_no_cuda),
+    Case("recall:device-unknown", lambda c: _with_run("recall", c, c.run(), "--device", "tpu")),
+    Case("needle:depth-2", lambda c: _with_run("needle", c, c.run(), "--depth", "2")),
+    Case("needle:trials-0", lambda c: _with_run("needle", c, c.run(), "--trials", "0")),
+    Case("needle:lengths-not-numbers", lambda c: _with_run("needle", c, c.run(), "--lengths", "64,abc")),
+    Case("needle:capacity-0", lambda c: _with_run("needle", c, c.run(), "--capacity", "0")),
+    Case("needle:device-cuda-missing", lambda c: _with_run("needle", c, c.run(), "--device", "cuda"), skip_if=_no_cuda),
+]
+
+
 def registered_commands() -> set[str]:
     import typer
 
