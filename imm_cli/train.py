@@ -188,6 +188,17 @@ def _curriculum_recall(model: GPT, corpus: Corpus, segments: int, block: int, de
     return res
 
 
+def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """A loaded optimizer state must fit the parameters (load_state_dict checks only their count)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for name, v in optimizer.state.get(p, {}).items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0 and v.shape != p.shape:
+                    raise ValueError(f"optimizer {name} has shape {tuple(v.shape)} for a parameter of shape {tuple(p.shape)}")
+                if isinstance(v, torch.Tensor) and v.is_floating_point() and not torch.isfinite(v).all():
+                    raise ValueError(f"optimizer {name} holds NaN or inf values")
+
+
 class StopRequest:
     """Ctrl-C / SIGTERM: the first asks to stop after this step; the second exits at once."""
 
@@ -248,8 +259,10 @@ def train(
             optimizer.load_state_dict(st["optimizer"])
             batches.load_state(st["batches"])
             torch.set_rng_state(st["torch_rng"])
-        except (KeyError, ValueError, RuntimeError, TypeError) as e:
-            raise InputError(f"{out / runs.TRAIN_STATE} is damaged: {e}") from None
+            _check_optimizer_state(optimizer)
+        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+            first = (str(e).splitlines() or [e.__class__.__name__])[0][:160]
+            raise InputError(f"{out / runs.TRAIN_STATE} is damaged: {first}") from None
         step = int(st["step"])
         if step >= cfg.iters:
             raise InputError(f"{out} already trained {step} steps; pass --iters above {step} to go on")

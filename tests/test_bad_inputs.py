@@ -197,8 +197,24 @@ CASES: list[Case] = [
     Case("train:state-garbage", lambda c: resume(_damage(c, "train_state.pt", os.urandom(2048)))),
     Case("train:state-truncated", lambda c: resume(_damage(c, "train_state.pt", lambda b: b[: len(b) // 3]))),
     Case("train:state-wrong-structure", lambda c: resume(_damage(c, "train_state.pt", lambda b: _torch_bytes({"step": "two", "model": {}, "optimizer": {}})))),
+    Case("train:state-optimizer-mismatch", lambda c: resume(_damage(c, "train_state.pt", _bad_optimizer))),
+    Case("train:state-rng-garbage", lambda c: resume(_damage(c, "train_state.pt", lambda b: _edit_state(b, lambda s: s.update(torch_rng=torch.zeros(3, dtype=torch.uint8)))))),
+    Case("train:weights-wrong-dtype", lambda c: resume(_rewrite_weights(c.run(), lambda sd: {**sd, "ln_f.weight": sd["ln_f.weight"].half()}))),
     Case("train:state-missing", lambda c: resume((lambda r: ((r / "train_state.pt").unlink(), r)[1])(c.run()))),
 ]
+
+
+def _edit_state(data: bytes, change) -> bytes:
+    state = torch.load(io.BytesIO(data), weights_only=True)
+    change(state)
+    return _torch_bytes(state)
+
+
+def _bad_optimizer(data: bytes) -> bytes:
+    def change(state):
+        first = next(iter(state["optimizer"]["state"].values()))
+        first["exp_avg"] = torch.zeros(3, 3)
+    return _edit_state(data, change)
 
 
 def _torch_bytes(obj) -> bytes:

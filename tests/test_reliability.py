@@ -41,23 +41,24 @@ def train_steps(run: Path) -> list[int]:
     return [r["step"] for r in runs.read_metrics(run) if "loss" in r and "event" not in r]
 
 
-def stop_at(step: int):
-    """An on_event hook that presses Ctrl-C (a real SIGINT to this process) once `step` is done."""
+def stop_at(step: int, sig: int = signal.SIGINT):
+    """An on_event hook that presses Ctrl-C (a real SIGINT to this process, or SIGTERM) once `step` is done."""
     def hook(e: dict) -> None:
         if e["type"] == "step" and e["step"] == step:
-            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), sig)
     return hook
 
 
 # --- exact resume ----------------------------------------------------------------------------------
-@pytest.mark.parametrize("memory", ["episodic", pytest.param("linformer", marks=pytest.mark.slow)])
-def test_resume_is_bitwise_identical(memory, tmp_path, imm):
+@pytest.mark.parametrize("memory,sig", [("episodic", signal.SIGINT),
+                                        pytest.param("linformer", signal.SIGTERM, marks=pytest.mark.slow)])
+def test_resume_is_bitwise_identical(memory, sig, tmp_path, imm):
     n, k = 6, 3
     model_cfg, cfg = tiny_configs(memory, iters=n, eval_every=2, save_every=100)
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     train_mod.train(model_cfg, cfg, straight)
 
-    first = train_mod.train(model_cfg, cfg, resumed, on_event=stop_at(k))
+    first = train_mod.train(model_cfg, cfg, resumed, on_event=stop_at(k, sig))
     assert first.interrupted and first.step == k
     assert runs.load_train_state(resumed)["step"] == k
     # a run killed later than its checkpoint leaves rows past it, and maybe a torn last line
