@@ -30,7 +30,7 @@ class MemoryConfig:
     temp: float | None = None  # read temperature of the cosine attention; None = 0.8 for linformer (notes' best), 0.05 for episodic (learned from there)
     lr: float = 0.04  # linformer: EMA rate merging a write into the state (notes' best 0.04)
     norm: str = "layer"  # linformer: state normalisation after each write, "layer" or "l2"
-    entries: int = 64  # episodic: key/value entries a slot keeps from one written segment (most surprising first)
+    entries: int = 0  # episodic: entries a slot keeps from one written segment, most surprising first; 0 = all (block size)
     key_bytes: int = 8  # episodic: a key is the previous `key_bytes` bytes, so a repeated context finds its entry
     key_dim: int = 64  # episodic: width of keys and queries
     local: bool = True  # episodic: positions also read the entries of earlier positions of their own segment
@@ -53,7 +53,7 @@ class MemoryConfig:
         _require(self.temp is None or 0 < self.temp <= 100, f"--memory-temp must be > 0 and <= 100 (got {self.temp})")
         _require(0 < self.lr <= 1, f"--memory-lr must be in (0, 1] (got {self.lr})")
         _require(self.norm in MEMORY_NORMS, f"--memory-norm must be one of {', '.join(MEMORY_NORMS)} (got {self.norm!r})")
-        _require(1 <= self.entries <= 4096, f"--memory-entries must be between 1 and 4096 (got {self.entries})")
+        _require(0 <= self.entries <= 4096, f"--memory-entries must be between 0 (all) and 4096 (got {self.entries})")
         _require(1 <= self.key_bytes <= 64, f"--memory-key-bytes must be between 1 and 64 (got {self.key_bytes})")
         _require(1 <= self.key_dim <= 4096, f"memory key_dim must be between 1 and 4096 (got {self.key_dim})")
         _require(0 < self.decay <= 1, f"--memory-decay must be in (0, 1] (got {self.decay})")

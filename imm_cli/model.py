@@ -102,7 +102,7 @@ class GPT(nn.Module):
         self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd)
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(
-            Block(cfg, build_memory(cfg.memory, cfg.n_embd, cfg.bias) if i == mem_layer else None)
+            Block(cfg, build_memory(cfg.memory, cfg.n_embd, cfg.bias, cfg.block_size) if i == mem_layer else None)
             for i in range(cfg.n_layer)
         )
         self.ln_f = nn.LayerNorm(cfg.n_embd, bias=cfg.bias)

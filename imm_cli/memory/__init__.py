@@ -8,7 +8,9 @@ from imm_cli.memory.linformer import LinformerMemory
 KINDS = {"episodic": EpisodicMemory, "linformer": LinformerMemory}
 
 
-def build_memory(cfg: MemoryConfig, n_embd: int, bias: bool = False) -> Memory:
+def build_memory(cfg: MemoryConfig, n_embd: int, bias: bool = False, block_size: int = 128) -> Memory:
+    if cfg.kind == "episodic":
+        return EpisodicMemory(cfg, n_embd, bias=bias, block_size=block_size)
     return KINDS[cfg.kind](cfg, n_embd, bias=bias)
 
 

@@ -1,15 +1,19 @@
 """EpisodicMemory: S slots of exact key/value entries, written once, recalled by context.
 
-Each write takes one segment and keeps its `entries` most surprising positions as separate entries:
-  key   = the previous `key_bytes` bytes up to and including position i (a learned n-gram embedding),
-  value = a learned embedding of the byte that followed (the byte the model failed to predict).
-With `local`, a position also reads the entries of its own segment's earlier positions (the same
-lookup, for a fact still inside the window). The entries go into one slot: an empty one first, else the slot of lowest importance (mean surprise
-of its entries, multiplied by `decay` at each later write, so old and unsurprising segments go
-first). Reading is attention of each position's own n-gram query over every stored entry (cosine
-scores, learned temperature) plus a learned "nothing matches" option, so a fresh memory reads
-exactly zero. When the text repeats a stored context (a cue), the read carries the stored next
-byte; after that byte is produced, the next context matches the next entry, and so on.
+Each write takes one segment and keeps up to `entries` of its positions as separate entries
+(all of them by default; with fewer, the most surprising first):
+  key   = the `key_bytes` bytes ending at position i, as a learned n-gram embedding;
+  value = the byte that followed position i (stored as its id, read through a learned embedding).
+The entries go into one slot: an empty one first, else the slot of lowest importance (mean
+surprise of its entries, multiplied by `decay` at each later write, so old and unsurprising
+segments are replaced first).
+
+Reading is attention of each position's own n-gram query over every stored entry (cosine scores,
+learned temperature) plus a learned "nothing matches" option, so a fresh memory reads exactly
+zero. With `local`, a position also reads the entries of its own segment's earlier positions (the
+same lookup for a fact still inside the window). When a cue repeats a stored context, the read
+carries the byte that followed it; once that byte is produced, the next context matches the next
+entry, and so on through the fact.
 
 Why not pooled averages (LinformerMemory): averaging a segment into S vectors blurs one fact among
 a hundred bytes of other text; a fact seen once is only recoverable if its bytes are kept apart.
@@ -29,22 +33,20 @@ from imm_cli.memory.base import PAD, Memory, Segment, State
 
 
 class EpisodicMemory(Memory):
-    def __init__(self, cfg: MemoryConfig, n_embd: int, bias: bool = False) -> None:
+    def __init__(self, cfg: MemoryConfig, n_embd: int, bias: bool = False, block_size: int = 128) -> None:
         super().__init__()
         self.cfg = cfg
+        self.entries = cfg.entries or block_size  # 0 = keep every position of a written segment
         K, dk = cfg.key_bytes, cfg.key_dim
         # one byte table per offset (0 = the current byte): the sum is an n-gram embedding;
         # recent bytes start with larger weight so a near-miss context scores below an exact one
         scale = torch.tensor([1.0 / math.sqrt(1 + t) for t in range(K)])
         self.key_emb = nn.Parameter(torch.randn(K, PAD + 1, dk) * scale[:, None, None])
         self.value_emb = nn.Embedding(PAD + 1, n_embd)  # content of a stored next byte
-        nn.init.normal_(self.value_emb.weight, std=0.02)
         self.out = nn.Linear(n_embd, n_embd, bias=bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.read_temp)))  # learned 1/temperature
         self.null_cos = nn.Parameter(torch.tensor(0.6))  # below this cosine a stored entry loses to "nothing"
         self.gate = nn.Linear(n_embd, 1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.constant_(self.gate.bias, cfg.gate_bias)  # start open so the read path gets gradient
 
     # --- keys ----------------------------------------------------------------------------------
     def context_keys(self, seg: Segment) -> Tensor:
@@ -64,62 +66,58 @@ class EpisodicMemory(Memory):
 
     # --- interface -----------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:
-        S, E, dk = self.cfg.slots, self.cfg.entries, self.cfg.key_dim
-        d = self.value_emb.embedding_dim
+        S, E, dk = self.cfg.slots, self.entries, self.cfg.key_dim
         return {
             "keys": torch.zeros(batch, S, E, dk, device=device),
-            "values": torch.zeros(batch, S, E, d, device=device),
+            "bytes": torch.full((batch, S, E), PAD, dtype=torch.long, device=device),
             "valid": torch.zeros(batch, S, E, dtype=torch.bool, device=device),
             "importance": torch.full((batch, S), -math.inf, device=device),
         }
 
     def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
         b, n, _ = h.shape
-        S, E = self.cfg.slots, self.cfg.entries
+        S, E = self.cfg.slots, self.entries
         window, window_prev = (seg.ids, seg.prev) if seg.window is None else (seg.window, seg.window_prev)
         w = window.shape[1]
         kw = self._ngram(window, window_prev)  # (b w k): the context ending at each window position
         q = kw[:, w - n :]
-        keys = rearrange(state["keys"], "b s e k -> b (s e) k")
-        values = rearrange(state["values"], "b s e d -> b (s e) d")
-        valid = rearrange(state["valid"], "b s e -> b 1 (s e)")
         scale = self.log_scale.exp()
-        scores = einsum(q, keys, "b n k, b m k -> b n m") * scale
-        parts = [scores.masked_fill(~valid, -math.inf)]
+        keys = rearrange(state["keys"], "b s e k -> b (s e) k")
+        valid = rearrange(state["valid"], "b s e -> b 1 (s e)")
+        scores = [(einsum(q, keys, "b n k, b m k -> b n m") * scale).masked_fill(~valid, -math.inf)]
+        ids = [rearrange(state["bytes"], "b s e -> b (s e)")]
         if self.cfg.local:
             # this segment's own entries: position j's context -> byte j+1, readable once j+1 <= i
-            local = einsum(q, kw, "b i k, b j k -> b i j") * scale
             seen = torch.ones(n, w, dtype=torch.bool, device=h.device).tril(w - n - 1)
-            parts.append(local.masked_fill(~seen, -math.inf))
-        parts.append((scale * self.null_cos).expand(b, n, 1))
-        attn = torch.softmax(torch.cat(parts, dim=-1), dim=-1)
-        m = S * E
-        read = einsum(attn[..., :m], values, "b n m, b m d -> b n d")
-        if self.cfg.local:
-            nxt = F.pad(window[:, 1:], (0, 1), value=PAD)  # the byte after each position
-            read = read + einsum(attn[..., m : m + w], self.value_emb(nxt), "b i j, b j d -> b i d")
-        read = self.out(read)
+            scores.append((einsum(q, kw, "b i k, b j k -> b i j") * scale).masked_fill(~seen, -math.inf))
+            ids.append(F.pad(window[:, 1:], (0, 1), value=PAD))
+        scores.append((scale * self.null_cos).expand(b, n, 1))
+        attn = torch.softmax(torch.cat(scores, dim=-1), dim=-1)[..., :-1]  # (b n m+w), "nothing" dropped
+        # values depend only on the stored byte: sum attention per byte id, then one small matmul
+        per_byte = torch.zeros(b, n, PAD + 1, device=h.device, dtype=attn.dtype)
+        per_byte.scatter_add_(2, torch.cat(ids, dim=1)[:, None, :].expand(b, n, -1), attn)
+        read = self.out(per_byte @ self.value_emb.weight)
         gate = torch.sigmoid(self.gate(h))
         if self.observe:
+            m = S * E
             self._record(read_attn=rearrange(attn[..., :m], "b n (s e) -> b n s e", s=S, e=E).sum(-1),
-                         local_attn=attn[..., m : m + w].sum(-1) if self.cfg.local else torch.zeros(b, n),
-                         gate=gate.squeeze(-1))
+                         local_attn=attn[..., m:].sum(-1), gate=gate.squeeze(-1))
         return gate * read
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
         b, n = seg.ids.shape
-        S, E = self.cfg.slots, self.cfg.entries
+        S, E = self.cfg.slots, self.entries
         known = seg.targets >= 0
         score = surprise.masked_fill(~known, -math.inf)
         k = min(E, n)
         top, idx = score.topk(k, dim=1)  # (b k): the positions the model failed to predict most
         keys = torch.gather(self.context_keys(seg), 1, idx[..., None].expand(-1, -1, self.cfg.key_dim))
-        values = self.value_emb(torch.gather(seg.targets.clamp(min=0), 1, idx).masked_fill(~torch.isfinite(top), PAD))
         valid = torch.isfinite(top)
+        nxt = torch.gather(seg.targets, 1, idx).masked_fill(~valid, PAD)
         top = top.masked_fill(~valid, 0.0)
         if k < E:  # a segment shorter than a slot: pad with invalid entries
             keys = F.pad(keys, (0, 0, 0, E - k))
-            values = F.pad(values, (0, 0, 0, E - k))
+            nxt = F.pad(nxt, (0, E - k), value=PAD)
             valid = F.pad(valid, (0, E - k), value=False)
         count = valid.sum(1)
         importance_new = (top.sum(1) / count.clamp(min=1)).masked_fill(count == 0, -math.inf)
@@ -131,7 +129,7 @@ class EpisodicMemory(Memory):
         sel = chosen[:, :, None]
         return {
             "keys": torch.where(sel[..., None], keys[:, None], state["keys"]),
-            "values": torch.where(sel[..., None], values[:, None], state["values"]),
+            "bytes": torch.where(sel, nxt[:, None], state["bytes"]),
             "valid": torch.where(sel, valid[:, None], state["valid"]),
             "importance": torch.where(chosen, importance_new[:, None], aged),
         }
@@ -139,5 +137,6 @@ class EpisodicMemory(Memory):
     def slot_vectors(self, state: State) -> Tensor:
         """Mean stored value of each slot, mapped like a read (zeros for an empty slot)."""
         valid = state["valid"].float()[..., None]
-        mean = (state["values"] * valid).sum(2) / valid.sum(2).clamp(min=1)
+        values = self.value_emb(state["bytes"])
+        mean = (values * valid).sum(2) / valid.sum(2).clamp(min=1)
         return self.out(mean)
