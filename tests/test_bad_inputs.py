@@ -64,6 +64,7 @@ class Case:
     id: str
     setup: Callable[[Ctx], list[str]]
     skip_if: Callable[[], str | None] = lambda: None  # a reason to skip on this machine, or None
+    known_bug: str | None = None  # a bug found by this case and not fixed yet (owner outside this file)
 
     @property
     def command(self) -> str:
@@ -233,6 +234,12 @@ def _with_run(cmd: str, c: Ctx, run: Path | str, *args: str) -> list[str]:
     return [cmd, "--run", str(run), *facts, *args]
 
 
+# store.check_out (shared by store and usage) asks for write permission on the nearest existing
+# ancestor, a regular file here, which root may "write": the command runs and then fails in mkdir
+# (NotADirectoryError, exit 1). imm_cli.cli.common.check_out_folder refuses it up front.
+OUT_UNDER_A_FILE = {cmd: "store.check_out accepts --out under a regular file (NotADirectoryError, exit 1, not 2)"
+                    for cmd in ("store", "usage")}
+
 for _cmd in RUN_COMMANDS:
     CASES += [
         Case(f"{_cmd}:run-missing", lambda c, m=_cmd: _with_run(m, c, c.tmp / "no-such-run")),
@@ -241,7 +248,8 @@ for _cmd in RUN_COMMANDS:
         Case(f"{_cmd}:weights-wrong-shape", lambda c, m=_cmd: _with_run(m, c, _rewrite_weights(c.run(), lambda sd: {**sd, "wpe.weight": torch.zeros(7, 32)}))),
         Case(f"{_cmd}:config-future-version", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "format_version", 99)))),
         Case(f"{_cmd}:unknown-flag", lambda c, m=_cmd: [*_with_run(m, c, c.run()), "--frobnicate"]),
-        Case(f"{_cmd}:out-under-a-file", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", c.file("plain.txt", "x") + "/o")),
+        Case(f"{_cmd}:out-under-a-file", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", c.file("plain.txt", "x") + "/o"),
+             known_bug=OUT_UNDER_A_FILE.get(_cmd)),
     ]
 for _cmd in FACT_COMMANDS:
     CASES += [
@@ -304,7 +312,9 @@ def _check(case: Case, r, work: Path, before: dict) -> None:
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, imm, tmp_path, tiny_run, monkeypatch):
+def test_bad_input(case: Case, imm, tmp_path, tiny_run, monkeypatch, request):
+    if case.known_bug:
+        request.applymarker(pytest.mark.xfail(reason=case.known_bug, strict=False))
     argv, before = _prepare(case, tmp_path, tiny_run, monkeypatch)
     r = imm(*argv)
     _check(case, r, tmp_path / "work", before)

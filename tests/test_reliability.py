@@ -51,7 +51,8 @@ def stop_at(step: int, sig: int = signal.SIGINT):
 
 # --- exact resume ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("memory,sig", [("episodic", signal.SIGINT),
-                                        pytest.param("linformer", signal.SIGTERM, marks=pytest.mark.slow)])
+                                        pytest.param("linformer", signal.SIGTERM, marks=pytest.mark.slow)],
+                         ids=["episodic-SIGINT", "linformer-SIGTERM"])
 def test_resume_is_bitwise_identical(memory, sig, tmp_path, imm):
     n, k = 6, 3
     model_cfg, cfg = tiny_configs(memory, iters=n, eval_every=2, save_every=100)
