@@ -91,6 +91,12 @@ def _rewrite_weights(run: Path, change: Callable[[dict], dict]) -> Path:
     return run
 
 
+def _future_weights(run: Path) -> Path:
+    path = run / "model.safetensors"
+    save_file(load_file(path), path, metadata={"format_version": "99", "step": "2"})
+    return run
+
+
 def _damage(ctx: Ctx, name: str, data: bytes | Callable[[bytes], bytes]) -> Path:
     run = ctx.run()
     p = run / name
@@ -201,6 +207,8 @@ CASES: list[Case] = [
     Case("train:state-optimizer-mismatch", lambda c: resume(_damage(c, "train_state.pt", _bad_optimizer))),
     Case("train:state-rng-garbage", lambda c: resume(_damage(c, "train_state.pt", lambda b: _edit_state(b, lambda s: s.update(torch_rng=torch.zeros(3, dtype=torch.uint8)))))),
     Case("train:weights-wrong-dtype", lambda c: resume(_rewrite_weights(c.run(), lambda sd: {**sd, "ln_f.weight": sd["ln_f.weight"].half()}))),
+    Case("train:weights-future-version", lambda c: resume(_future_weights(c.run()))),
+    Case("train:resume-data-gone", lambda c: resume(_config(c, lambda d: _set(d, "train.data", str(c.tmp / "moved.txt"))))),
     Case("train:state-missing", lambda c: resume((lambda r: ((r / "train_state.pt").unlink(), r)[1])(c.run()))),
 ]
 
