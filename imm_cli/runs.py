@@ -9,6 +9,13 @@ A run folder holds
   loss.png           the training curve
 Every file is written to a temporary file in the same folder, flushed, fsynced and moved into
 place with os.replace, so a crash at any moment leaves the previous version of each file whole.
+A checkpoint writes train_state.pt, then model.safetensors, then config.json: a folder whose
+config.json exists has completed a checkpoint. Temporary files (TMP_PREFIX) are never read, and
+are removed when training starts or resumes.
+
+Loading never executes anything from a file (JSON, safetensors, torch.load(weights_only=True) with
+no fallback), and every problem (missing, empty, truncated, garbage, wrong types or shapes, a
+future format version, pickled objects) is one InputError naming the file.
 """
 
 from __future__ import annotations
@@ -23,8 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from imm_cli.config import FORMAT_VERSION, MemoryConfig, ModelConfig, TrainConfig, model_config_from_dict, to_dict, train_config_from_dict
