@@ -84,9 +84,52 @@ def invent_word(rng: random.Random, capitalise: bool = True) -> str:
     return word.capitalize() if capitalise else word
 
 
-def make_fact(rng: random.Random, max_bytes: int = MAX_FACT_BYTES, min_bytes: int = MIN_FACT_BYTES) -> Fact:
-    """One synthetic fact of ``min_bytes``..``max_bytes`` bytes (rejection sampling)."""
+# Templates whose middle is real words of the training text: their bytes are ones the language
+# model has strong (and here wrong) expectations about, which teaches it to trust the memory
+# over its prior. The first word is still invented, so the cue stays novel.
+WORD_TEMPLATES: tuple[str, ...] = (
+    "{N} {S} {w}.",
+    "{N} {w} in {Y}.",
+    "The {n} {w}.",
+    "{P} {w} {K} {w2}.",
+)
+_WORD_RE = re.compile(rb"[a-z]{3,10}")
+_WORD_CACHE: dict[tuple[int, int], tuple[str, ...]] = {}
+
+
+def corpus_words(text: np.ndarray | None) -> tuple[str, ...]:
+    """Lowercase words (3-10 letters, seen at least 3 times) of a training text, cached per array."""
+    if text is None or len(text) == 0:
+        return ()
+    key = (text.__array_interface__["data"][0], len(text))
+    if key not in _WORD_CACHE:
+        counts: dict[bytes, int] = {}
+        for m in _WORD_RE.finditer(text[: 2_000_000].tobytes()):
+            counts[m.group()] = counts.get(m.group(), 0) + 1
+        _WORD_CACHE[key] = tuple(sorted(w.decode() for w, c in counts.items() if c >= 3))
+    return _WORD_CACHE[key]
+
+
+def _words(rng: random.Random, words: tuple[str, ...], lo: int, hi: int) -> str:
+    return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+
+
+def make_fact(rng: random.Random, max_bytes: int = MAX_FACT_BYTES, min_bytes: int = MIN_FACT_BYTES,
+              words: tuple[str, ...] = ()) -> Fact:
+    """One synthetic fact of ``min_bytes``..``max_bytes`` bytes (rejection sampling).
+
+    With ``words`` (real words of the training text), half the facts use WORD_TEMPLATES.
+    """
     for _ in range(10_000):
+        if words and rng.random() < 0.5:
+            text = rng.choice(WORD_TEMPLATES).format(
+                N=invent_word(rng), S=invent_word(rng), P=invent_word(rng), n=invent_word(rng, capitalise=False),
+                Y=str(rng.randint(1000, 2099)), K=str(rng.randint(2, 9999)),
+                w=_words(rng, words, 2, 5), w2=_words(rng, words, 1, 2),
+            )
+            if min_bytes <= len(text) <= max_bytes:
+                return Fact.from_text(text)
+            continue
         template = rng.choice(TEMPLATES)
         text = template.format(
             N=invent_word(rng),
@@ -105,18 +148,19 @@ def make_fact(rng: random.Random, max_bytes: int = MAX_FACT_BYTES, min_bytes: in
 class SyntheticFacts:
     """A reproducible stream of synthetic facts: ``SyntheticFacts(seed)`` or ``SyntheticFacts(rng)``."""
 
-    def __init__(self, seed_or_rng: int | random.Random | None = None):
+    def __init__(self, seed_or_rng: int | random.Random | None = None, words: tuple[str, ...] = ()):
         self.rng = seed_or_rng if isinstance(seed_or_rng, random.Random) else random.Random(seed_or_rng)
+        self.words = words
 
     def sample(self, max_bytes: int = MAX_FACT_BYTES) -> Fact:
-        return make_fact(self.rng, max_bytes=max_bytes)
+        return make_fact(self.rng, max_bytes=max_bytes, words=self.words)
 
     def sample_many(self, k: int, max_bytes: int = MAX_FACT_BYTES) -> list[Fact]:
         """k facts with distinct cues."""
         facts: list[Fact] = []
         cues: set[str] = set()
         while len(facts) < k:
-            f = make_fact(self.rng, max_bytes=max_bytes)
+            f = make_fact(self.rng, max_bytes=max_bytes, words=self.words)
             if f.cue not in cues:
                 cues.add(f.cue)
                 facts.append(f)
@@ -178,7 +222,7 @@ def curriculum_episode(
         recall_cap = total - write_cap
     max_fact = min(MAX_FACT_BYTES, max(40, min(write_cap, recall_cap) - 3))
 
-    synth = SyntheticFacts(rng)
+    synth = SyntheticFacts(rng, words=corpus_words(text))
     facts = synth.sample_many(rng.randint(1, max_facts), max_bytes=max_fact)
 
     written: list[Fact] = []

@@ -74,11 +74,15 @@ class EpisodicMemory(Memory):
             "importance": torch.full((batch, S), -math.inf, device=device),
         }
 
-    def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
-        b, n, _ = h.shape
-        S, E = self.cfg.slots, self.entries
+    def lookup(self, seg: Segment, state: State) -> tuple[Tensor, Tensor]:
+        """Attention of each position over the stored entries (and its own segment's, with `local`).
+
+        Returns (per_byte (b n 257): attention mass summed per stored next-byte id, attn (b n m+w)).
+        The "nothing matches" share is what is missing from 1 in per_byte's sum.
+        """
+        n = seg.ids.shape[1]
         window, window_prev = (seg.ids, seg.prev) if seg.window is None else (seg.window, seg.window_prev)
-        w = window.shape[1]
+        b, w = window.shape
         kw = self._ngram(window, window_prev)  # (b w k): the context ending at each window position
         q = kw[:, w - n :]
         scale = self.log_scale.exp()
@@ -88,17 +92,22 @@ class EpisodicMemory(Memory):
         ids = [rearrange(state["bytes"], "b s e -> b (s e)")]
         if self.cfg.local:
             # this segment's own entries: position j's context -> byte j+1, readable once j+1 <= i
-            seen = torch.ones(n, w, dtype=torch.bool, device=h.device).tril(w - n - 1)
+            seen = torch.ones(n, w, dtype=torch.bool, device=window.device).tril(w - n - 1)
             scores.append((einsum(q, kw, "b i k, b j k -> b i j") * scale).masked_fill(~seen, -math.inf))
             ids.append(F.pad(window[:, 1:], (0, 1), value=PAD))
         scores.append((scale * self.null_cos).expand(b, n, 1))
         attn = torch.softmax(torch.cat(scores, dim=-1), dim=-1)[..., :-1]  # (b n m+w), "nothing" dropped
         # values depend only on the stored byte: sum attention per byte id, then one small matmul
-        per_byte = torch.zeros(b, n, PAD + 1, device=h.device, dtype=attn.dtype)
+        per_byte = torch.zeros(b, n, PAD + 1, device=attn.device, dtype=attn.dtype)
         per_byte.scatter_add_(2, torch.cat(ids, dim=1)[:, None, :].expand(b, n, -1), attn)
+        return per_byte, attn
+
+    def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
+        per_byte, attn = self.lookup(seg, state)
         read = self.out(per_byte @ self.value_emb.weight)
         gate = torch.sigmoid(self.gate(h))
         if self.observe:
+            S, E = self.cfg.slots, self.entries
             m = S * E
             self._record(read_attn=rearrange(attn[..., :m], "b n (s e) -> b n s e", s=S, e=E).sum(-1),
                          local_attn=attn[..., m:].sum(-1), gate=gate.squeeze(-1))
