@@ -82,7 +82,7 @@ def memory_rows(t: Table, r) -> None:
     m = r.memory
     t.add_row("memory", f"{m['kind']}, {m['slots']} slots in block {m['layer']}, width {m['width']}")
     t.add_row("memory share of parameters", f"{100 * m['memory_share']:.2f}% ({m['memory_params']:,} of {m['params']:,})")
-    t.add_row("sequences", f"{r.sequences} x {r.block_size} bytes, batch 1, memory carried and written")
+    t.add_row("sequences", f"{r.sequences} x {r.block_size} bytes, batch 1, memory carried")
     t.add_row("source", r.source)
 
 

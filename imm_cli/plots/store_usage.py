@@ -61,12 +61,14 @@ def draw_similarity(ax, store: dict) -> None:
         head += f"; slot-to-slot cosine {sc:.2f}"
     ax.set_title(f"{head}\n{_mem_label(store)}", fontsize=10)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
 
 
 def draw_heatmap(ax, usage: dict, fig) -> None:
     u = _f([v for row in usage["usage"] for v in row]).reshape(len(usage["usage"]), -1)
-    vmax = max(2.0, float(np.nanmax(u)) if np.isfinite(u).any() else 2.0)
+    # a few early rows (one filled slot takes everything) would wash out the colour scale: clip at the
+    # 99th percentile, the colour bar's arrow marks the clipped values
+    vmax = max(2.0, float(np.nanpercentile(u, 99)) if np.isfinite(u).any() else 2.0)
     masked = np.ma.masked_invalid(u)
     cmap = plt.get_cmap("viridis").with_extremes(bad="lightgray")
     im = ax.imshow(masked, aspect="auto", interpolation="nearest", cmap=cmap, vmin=0, vmax=vmax)
@@ -77,7 +79,7 @@ def draw_heatmap(ax, usage: dict, fig) -> None:
     if usage.get("undefined_rows"):
         title += f"; gray = nothing read ({usage['undefined_rows']} rows)"
     ax.set_title(title, fontsize=10)
-    fig.colorbar(im, ax=ax, label="read attention mass / slot mean")
+    fig.colorbar(im, ax=ax, label="read attention mass / slot mean", extend="max" if np.nanmax(u) > vmax else "neither")
 
 
 def draw_bars(ax, usage: dict) -> None:
