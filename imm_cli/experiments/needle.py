@@ -189,10 +189,8 @@ def capacity(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings)
     return res
 
 
-def verdict(conditions: dict[str, dict[str, float]], has_memory: bool) -> str:
+def verdict(conditions: dict[str, dict[str, float]]) -> str:
     m, f, o = conditions["memory"], conditions["fresh"], conditions["other_facts"]
-    if not has_memory:
-        return "this model has no memory (--slots 0): the memory conditions equal the fresh one by construction"
     lift = m["exact_match"] - max(f["exact_match"], o["exact_match"])
     if m["exact_match"] >= 0.5 and lift >= 0.3:
         return (f"the memory recalls: exact match {m['exact_match']:.2f} vs {f['exact_match']:.2f} fresh and "
@@ -206,6 +204,8 @@ def verdict(conditions: dict[str, dict[str, float]], has_memory: bool) -> str:
 
 def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: NeedleSettings | None = None) -> NeedleResult:
     s = settings or NeedleSettings()
+    if model.memory is None:
+        raise InputError("this run has no memory (--slots 0): the needle test compares memory conditions; train with --slots 8")
     if s.trials < 1:
         raise InputError(f"--trials must be >= 1 (got {s.trials})")
     if not 0 <= s.depth <= 1 or not all(0 <= d <= 1 for d in s.depths):
@@ -247,6 +247,6 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
     if s.sweeps:
         result.heatmap = heatmap(model, facts, text, s)
         result.capacity = capacity(model, facts, text, s)
-    result.verdict = verdict(conditions, model.memory is not None)
+    result.verdict = verdict(conditions)
     result.seconds = time.perf_counter() - t0
     return result

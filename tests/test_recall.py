@@ -1,0 +1,210 @@
+"""Recall: the episodic memory's write/read on hand-made inputs, the recall metrics, and the
+`imm recall` / `imm needle` commands end to end on a tiny trained run."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from imm_cli.cli.app import app
+from imm_cli.config import MemoryConfig
+from imm_cli.experiments import probe
+from imm_cli.experiments.needle import CONDITIONS, METRICS, _summarise, verdict
+from imm_cli.memory import PAD, EpisodicMemory, Segment
+
+runner = CliRunner()
+
+
+def ids(text: str) -> torch.Tensor:
+    return torch.tensor([list(text.encode())], dtype=torch.long)
+
+
+def segment(text: str, prev: str = "") -> Segment:
+    x = ids(text)
+    targets = torch.cat([x[:, 1:], torch.full((1, 1), -1)], dim=1)
+    return Segment(ids=x, prev=ids(prev) if prev else x[:, :0], targets=targets)
+
+
+def memory(slots: int = 2, local: bool = False) -> EpisodicMemory:
+    torch.manual_seed(0)
+    mem = EpisodicMemory(MemoryConfig(slots=slots, key_bytes=4, key_dim=64, local=local), n_embd=16, block_size=16)
+    mem.post_init()
+    return mem
+
+
+def write(mem: EpisodicMemory, state, text: str, surprise: float):
+    seg = segment(text)
+    return mem.write(torch.zeros(1, seg.ids.shape[1], 16), seg, state, torch.full(seg.ids.shape, surprise))
+
+
+def recalled(mem: EpisodicMemory, state, cue: str) -> tuple[int, float]:
+    """The byte the memory offers after the cue's last position, and the attention mass on it."""
+    per_byte, _ = mem.lookup(segment(cue), state)
+    last = per_byte[0, -1]
+    return int(last.argmax()), float(last.max().detach())
+
+
+def test_written_entry_is_read_back_when_cued():
+    mem = memory()
+    state = write(mem, mem.init_state(1), "Zorvak was 1873.", surprise=2.0)
+    byte, mass = recalled(mem, state, "xx Zorvak w")  # context "ak w" -> next byte "a"
+    assert byte == ord("a") and mass > 0.5
+    byte, mass = recalled(mem, state, "yy vak was 18")  # "s 18" -> "7"
+    assert byte == ord("7") and mass > 0.5
+
+
+def test_fresh_memory_reads_exactly_zero():
+    mem = memory(local=False)
+    seg = segment("Zorvak was 1873.")
+    h = torch.randn(1, seg.ids.shape[1], 16)
+    out = mem.read(h, seg, mem.init_state(1))
+    assert torch.equal(out, torch.zeros_like(out))
+    per_byte, _ = mem.lookup(seg, mem.init_state(1))
+    assert float(per_byte.sum()) == 0.0
+
+
+def test_unrelated_cue_finds_nothing():
+    mem = memory()
+    state = write(mem, mem.init_state(1), "Zorvak was 1873.", surprise=2.0)
+    _, mass = recalled(mem, state, "qqqqqqqq")
+    assert mass < 0.2
+
+
+def test_frozen_memory_keeps_its_state():
+    mem = memory()
+    state = write(mem, mem.init_state(1), "Zorvak was 1873.", surprise=2.0)
+    mem.frozen = True
+    after = write(mem, state, "Other text here.", surprise=9.0)
+    assert all(torch.equal(state[k], after[k]) for k in state)
+
+
+def test_eviction_replaces_the_least_important_slot():
+    """Empty slots first; then the slot of lowest importance (mean surprise x decay^age)."""
+    mem = memory(slots=2)
+    state = mem.init_state(1)
+    state = write(mem, state, "Aaaa bbbb 1111.", surprise=1.0)  # slot 0, importance 1.0
+    state = write(mem, state, "Cccc dddd 2222.", surprise=3.0)  # slot 1 (empty first), importance 3.0
+    assert state["importance"][0].tolist() == pytest.approx([0.9, 3.0])
+    state = write(mem, state, "Eeee ffff 3333.", surprise=2.0)  # evicts slot 0 (0.81 < 2.7)
+    assert state["importance"][0].tolist() == pytest.approx([2.0, 2.7])
+    assert recalled(mem, state, "xx Aaaa b")[1] < 0.2  # evicted
+    assert recalled(mem, state, "xx Cccc d")[0] == ord("d")  # kept
+    assert recalled(mem, state, "xx Eeee f")[0] == ord("f")  # new
+
+
+def test_entries_keep_the_most_surprising_positions():
+    mem = EpisodicMemory(MemoryConfig(slots=1, key_bytes=4, entries=3, local=False), n_embd=16, block_size=16)
+    seg = segment("abcdefgh")
+    surprise = torch.tensor([[0.0, 5.0, 0.0, 4.0, 0.0, 0.0, 3.0, 9.0]])  # last has no known next byte
+    state = mem.write(torch.zeros(1, 8, 16), seg, mem.init_state(1), surprise)
+    assert sorted(state["bytes"][0, 0].tolist()) == sorted([ord("c"), ord("e"), ord("h")])
+    assert state["valid"].all()
+
+
+def test_metrics_on_hand_made_cases():
+    assert probe.exact_matches([b" abc.", b" abx.", b" abc.."], [b" abc.", b" abc.", b" abc."]) == [True, False, True]
+    per_trial = [{c: {"exact": [1, 0], "char_accuracy": [1.0, 0.5], "loss_per_byte": [0.1, 0.3], "recall_at_1": [1, 1]}
+                  for c in CONDITIONS},
+                 {c: {"exact": [0, 0], "char_accuracy": [0.5, 0.5], "loss_per_byte": [0.2, 0.2], "recall_at_1": [1, 0]}
+                  for c in CONDITIONS}]
+    s = _summarise(per_trial)
+    assert s["memory"]["exact_match"] == pytest.approx(0.25) and s["memory"]["exact_match_std"] == pytest.approx(0.25)
+    assert s["fresh"]["char_accuracy"] == pytest.approx(0.625)
+    assert s["memory"]["recall_at_1"] == pytest.approx(0.75)
+    good = {c: {m: 0.0 for m in METRICS} for c in CONDITIONS}
+    good["memory"].update(exact_match=0.8, char_accuracy=0.9)
+    assert verdict(good).startswith("the memory recalls")
+    bad = {c: {m: 0.0 for m in METRICS} for c in CONDITIONS}
+    assert verdict(bad).startswith("no recall")
+
+
+def test_haystack_holds_the_fact_once_at_its_depth():
+    import random
+
+    import numpy as np
+
+    from imm_cli.facts import Fact
+
+    text = np.frombuffer(("line of plain text\n" * 400).encode(), dtype=np.uint8)
+    f = Fact.from_text("Zorvak Tennel was born in 1873.")
+    for depth in (0.0, 0.5, 1.0):
+        h = probe.haystack(text, f, 300, depth, random.Random(0))
+        assert len(h) == 300 and h.count(f.text.encode()) == 1
+        at = h.find(f.text.encode()) / 300
+        assert abs(at - depth) < 0.2
+    p = probe.cue_prompt(text, f, 40, random.Random(0))
+    assert len(p) == 40 and p.endswith(b"\nZorvak Tennel") and f.rest.encode() not in p
+
+
+# --- the commands, end to end ----------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory):
+    base = tmp_path_factory.mktemp("recall")
+    common = ["--layers", "1", "--heads", "2", "--embd", "32", "--block-size", "128", "--batch-size", "4",
+              "--iters", "2", "--eval-every", "2"]
+    runs = {}
+    for name, extra in (("episodic", ["--slots", "4", "--segments", "2"]),
+                        ("linformer", ["--slots", "4", "--memory", "linformer", "--segments", "2"]),
+                        ("s0", ["--slots", "0"])):
+        out = base / name
+        r = runner.invoke(app, ["train", *common, *extra, "--out", str(out)])
+        assert r.exit_code == 0, r.output
+        runs[name] = out
+    return runs
+
+
+@pytest.mark.parametrize("kind", ["episodic", "linformer"])
+def test_recall_command(tiny_runs, kind, tmp_path):
+    out = tmp_path / "o"
+    r = runner.invoke(app, ["recall", "--run", str(tiny_runs[kind]), "--facts", "examples/facts.txt", "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert len(doc["facts"]) == 16
+    for f in doc["facts"]:
+        assert {"cue", "expected", "generated", "exact", "char_accuracy", "loss_per_byte", "loss_per_byte_fresh"} <= set(f)
+        assert 0 <= f["char_accuracy"] <= 1 and math.isfinite(f["loss_per_byte"])
+    assert set(doc["summary"]) == {"memory", "fresh"}
+    assert doc["context_influence"]["mean_kl_rest"] >= 0
+    assert (out / "context_influence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (out / "recall.json").is_file()
+
+
+def test_needle_command(tiny_runs, tmp_path):
+    out = tmp_path / "n"
+    r = runner.invoke(app, ["needle", "--run", str(tiny_runs["episodic"]), "--facts", "examples/facts.txt", "--trials", "2",
+                            "--length", "256", "--lengths", "256,384", "--depths", "0,1", "--capacity", "1,4",
+                            "--out", str(out), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert set(doc["conditions"]) == set(CONDITIONS)
+    for c in doc["conditions"].values():
+        for m in METRICS:
+            assert m in c and m + "_std" in c
+        assert 0 <= c["exact_match"] <= 1 and 0 <= c["recall_at_1"] <= 1
+    assert len(doc["facts"]) == 16 and set(doc["facts"][0]["conditions"]) == set(CONDITIONS)
+    assert {"cue", "expected"} <= set(doc["facts"][0])
+    assert {"generated", "exact"} <= set(doc["facts"][0]["conditions"]["memory"])
+    assert doc["heatmap"]["lengths"] == [256, 384] and len(doc["heatmap"]["exact_match"]) == 2
+    assert doc["capacity"]["n_facts"] == [1, 4]
+    for name in ("needle.json", "needle_heatmap.png", "capacity.png"):
+        assert (out / name).is_file()
+
+
+def test_commands_refuse_a_model_without_memory(tiny_runs, tmp_path):
+    for cmd in ("recall", "needle"):
+        out = tmp_path / cmd
+        r = runner.invoke(app, [cmd, "--run", str(tiny_runs["s0"]), "--facts", "examples/facts.txt", "--out", str(out)])
+        assert r.exit_code == 2
+        assert "no memory" in r.output
+        assert not out.exists()
+
+
+def test_facts_too_long_for_the_model_are_refused(tiny_runs, tmp_path):
+    facts = tmp_path / "long.txt"
+    facts.write_text("Zorvak Tennel " + "x" * 200 + ".\nAnother fact is here.\n")
+    r = runner.invoke(app, ["needle", "--run", str(tiny_runs["episodic"]), "--facts", str(facts)])
+    assert r.exit_code == 2 and "bytes" in r.output
