@@ -107,6 +107,7 @@ class TrainConfig:
     save_every: int = 500  # steps between checkpoints
     seed: int = 1337  # seeds data order, initialisation and the curriculum
     device: str = "auto"  # auto picks cuda, then mps, then cpu
+    compile: bool = False  # torch.compile the model's forward (weights are saved from the original module)
     data: str | None = None  # path of a UTF-8 text file; None = the embedded Shakespeare corpus
 
     def effective_segments(self, memory: MemoryConfig) -> int:

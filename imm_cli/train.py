@@ -18,7 +18,7 @@ import random
 import signal
 import threading
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from imm_cli import runs
+from imm_cli import distributed, runs
 from imm_cli.config import ModelConfig, TrainConfig
 from imm_cli.curriculum import sample_curriculum
 from imm_cli.data import Corpus, load_corpus, sample_episodes
@@ -145,6 +145,27 @@ def episode_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     return torch.stack(losses).mean(), token_losses
 
 
+def autocast_for(device: torch.device):
+    """bf16 autocast on CUDA devices that support it; full precision everywhere else."""
+    if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.autocast(device_type="cuda", dtype=torch.bfloat16)
+    return nullcontext()
+
+
+def precision_of(device: torch.device) -> str:
+    return "bf16 autocast" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def compile_model(model: GPT):
+    """torch.compile'd forward of `model` (the original module keeps the weights and is what is saved)."""
+    if not hasattr(torch, "compile"):
+        raise InputError("--compile needs torch.compile (torch 2.0 or later)")
+    try:
+        return torch.compile(model, backend=os.environ.get("IMM_COMPILE_BACKEND", "inductor"))
+    except Exception as e:  # e.g. an unsupported Python version: refused at once
+        raise InputError(f"--compile: torch.compile is not usable here ({(str(e).splitlines() or [type(e).__name__])[0][:160]}); run without --compile") from None
+
+
 @torch.no_grad()
 def evaluate(model: GPT, corpus: Corpus, segments: int, batches: int, batch: int, device: torch.device) -> dict:
     """Validation loss with the memory carried, and with its read ablated (same episodes)."""
@@ -154,6 +175,13 @@ def evaluate(model: GPT, corpus: Corpus, segments: int, batches: int, batch: int
     seg = max(segments, 2) if model.memory is not None else 1
     eps = max(batch // seg, 1)
     total = {"val_loss": 0.0, "val_loss_ablated": 0.0}
+    with autocast_for(device):
+        out = _evaluate_batches(model, corpus, seg, eps, block, batches, gen, device, total)
+    model.train()
+    return out
+
+
+def _evaluate_batches(model, corpus, seg, eps, block, batches, gen, device, total) -> dict:
     for _ in range(batches):
         x, y = sample_episodes(corpus.val, eps, seg, block, gen)
         x, y = x.to(device), y.to(device)
@@ -166,7 +194,6 @@ def evaluate(model: GPT, corpus: Corpus, segments: int, batches: int, batch: int
         out["val_loss_ablated"] = out["val_loss"]
     else:
         out.update(_curriculum_recall(model, corpus, seg, block, device))
-    model.train()
     return out
 
 
@@ -229,6 +256,15 @@ def _stop_on_signals(stop: StopRequest):
             signal.signal(s, h)
 
 
+def _dump_weights_for_tests(model: GPT, dist: distributed.Dist) -> None:
+    """Tests only: IMM_TEST_DUMP_WEIGHTS=prefix makes every process write its final weights to prefix.rank<r>."""
+    prefix = os.environ.get("IMM_TEST_DUMP_WEIGHTS")
+    if prefix:
+        from safetensors.torch import save_file
+
+        save_file(runs._state_dict_for_save(model), f"{prefix}.rank{dist.rank}")
+
+
 def train(
     model_cfg: ModelConfig,
     cfg: TrainConfig,
@@ -242,6 +278,16 @@ def train(
     cfg.check(model_cfg.memory)
     out = Path(out)
     device = resolve_device(cfg.device)
+    dist = distributed.setup(device)  # under torchrun: join the process group (one device per process)
+    device = dist.device
+    try:
+        return _train(model_cfg, cfg, out, resume, emit if dist.main else (lambda e: None), device, dist)
+    finally:
+        dist.close()
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, emit, device: torch.device,
+           dist: distributed.Dist) -> TrainResult:
     corpus = load_corpus(cfg.data)
     segments = cfg.effective_segments(model_cfg.memory)
     if len(corpus.train) < segments * model_cfg.block_size + 2 or len(corpus.val) < max(segments, 2) * model_cfg.block_size + 2:
@@ -250,7 +296,11 @@ def train(
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    batches = Batches(corpus, model_cfg, cfg, segments, cfg.seed)
+    batches = Batches(corpus, model_cfg, cfg, segments, cfg.seed)  # the global batch; each process keeps its share
+    if batches.episodes % dist.world:
+        raise InputError(f"--batch-size {cfg.batch_size} holds {batches.episodes} episodes of {segments} segments, "
+                         f"not divisible among {dist.world} processes")
+    main = dist.main  # only process 0 writes files
     step = 0
     if resume:
         st = runs.load_train_state(out)
@@ -266,19 +316,28 @@ def train(
         step = int(st["step"])
         if step >= cfg.iters:
             raise InputError(f"{out} already trained {step} steps; pass --iters above {step} to go on")
-        runs.truncate_metrics(out, step)  # rows logged after the checkpoint are logged again
-    else:
+        dist.barrier()  # every process has read the training state before process 0 writes again
+        if main:
+            runs.truncate_metrics(out, step)  # rows logged after the checkpoint are logged again
+    elif main:
         out.mkdir(parents=True, exist_ok=True)
         (out / runs.METRICS).unlink(missing_ok=True)
-    runs.clean_temp_files(out)
+    if main:
+        runs.clean_temp_files(out)
+    forward = model if not cfg.compile else compile_model(model)  # `model` keeps the weights: saved, evaluated
+    step_loss = distributed.wrap(forward, episode_loss, dist)  # (x, y) -> loss; DDP under torchrun
     total, mem = model.num_params()
     emit({"type": "start", "params": total, "memory_params": mem, "step": step, "device": str(device),
+          "processes": dist.world, "precision": precision_of(device), "compile": cfg.compile,
           "segments": segments, "episodes": batches.episodes, "curriculum_episodes": batches.n_curriculum})
 
     saved_step = step  # the step of the last complete checkpoint
 
     def checkpoint(summary: dict | None = None) -> None:
         nonlocal saved_step
+        if not main:
+            saved_step = step
+            return
         runs.save_train_state(out, {
             "step": step,
             "model": runs._state_dict_for_save(model),
@@ -309,15 +368,23 @@ def train(
             for g in optimizer.param_groups:
                 g["lr"] = lr
             x, y = batches.next()
-            x, y = x.to(device), y.to(device)
-            loss, _ = episode_loss(model, x, y)
+            x, y = dist.shard(x).to(device), dist.shard(y).to(device)
+            try:
+                with autocast_for(device):
+                    loss = step_loss(x, y)
+            except Exception as e:  # torch.compile fails lazily, at the first forward: one clear line
+                if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+                    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+                    raise RunError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: {first}); run without --compile") from None
+                raise
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            loss.backward()  # under DDP: gradients averaged over the processes here
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            loss_v, gnorm_v = loss.item(), gnorm.item()
+            loss_v, gnorm_v = dist.mean(loss).item(), gnorm.item()  # the loss of the global batch
             if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):  # before the update: weights stay good
                 nonfinite = True
-                runs.append_metrics(out, [{"step": step + 1, "event": "nonfinite", "loss": str(loss_v), "grad_norm": str(gnorm_v)}])
+                if main:
+                    runs.append_metrics(out, [{"step": step + 1, "event": "nonfinite", "loss": str(loss_v), "grad_norm": str(gnorm_v)}])
                 raise RunError(f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} ({loss_v if not math.isfinite(loss_v) else gnorm_v}) "
                                f"at step {step + 1}; stopped without saving it: the last good checkpoint (step {saved_step}) "
                                f"is in {out}, resume with: imm train --resume {out}")
@@ -331,8 +398,10 @@ def train(
                 last_eval = evaluate(model, corpus, segments, cfg.eval_batches, cfg.batch_size, device)
                 row.update(last_eval)
             history.append(row)
-            runs.append_metrics(out, [row])
+            if main:
+                runs.append_metrics(out, [row])
             emit({"type": "step", **row, "iters": cfg.iters})
+            stop.requested = dist.any(stop.requested)  # a signal seen by one process stops all at this step
             if stop.requested:
                 break
             if step % cfg.save_every == 0 and step < cfg.iters:
@@ -348,6 +417,9 @@ def train(
             history=history,
         )
         checkpoint(result.to_dict())
+        _dump_weights_for_tests(model, dist)
+        if not main:
+            return result
         try:
             from imm_cli.plots import plot_loss  # matplotlib is imported only when plotting
 

@@ -39,7 +39,7 @@ class Norm(str, Enum):
 
 
 # flags a resumed run may change; any other explicit flag must agree with the saved config
-RESUMABLE = {"iters", "save_every", "eval_every", "device", "json_out", "resume", "out"}
+RESUMABLE = {"iters", "save_every", "eval_every", "device", "compile", "json_out", "resume", "out"}
 
 
 @handle_errors
@@ -51,7 +51,7 @@ def train(
     heads: int = typer.Option(M.n_head, help="Attention heads per block."),
     embd: int = typer.Option(M.n_embd, help="Residual stream width."),
     block_size: int = typer.Option(M.block_size, help="Segment length in bytes (the attention window)."),
-    batch_size: int = typer.Option(D.batch_size, help="Segments per step (tokens per step = batch-size x block-size)."),
+    batch_size: int = typer.Option(D.batch_size, help="Segments per step over all processes (tokens per step = batch-size x block-size); under torchrun each process takes its share."),
     iters: int = typer.Option(D.iters, help="Optimizer steps."),
     lr: float = typer.Option(D.lr, help="Peak learning rate (warmup, then cosine decay to lr/10)."),
     memory_lr: float = typer.Option(MM.lr, help="Linformer memory: EMA rate of a write (notes' best 0.04)."),
@@ -64,7 +64,9 @@ def train(
     grad_clip: float = typer.Option(D.grad_clip, help="Clip the gradient norm to this; 0 = off."),
     eval_every: int = typer.Option(D.eval_every, help="Steps between validation evaluations."),
     save_every: int = typer.Option(D.save_every, help="Steps between checkpoints."),
-    device: Device = typer.Option(Device.auto, help="auto picks cuda, then mps, then cpu."),
+    device: Device = typer.Option(Device.auto, help="auto picks cuda, then mps, then cpu. On CUDA, bf16 autocast where the GPU supports it. "
+                                  "Under torchrun --nproc_per_node N: one process per device (cuda:LOCAL_RANK, nccl) or per CPU share (gloo)."),
+    compile: bool = typer.Option(D.compile, "--compile/--no-compile", help="torch.compile the model (first steps slower; checkpoints load anywhere without it)."),
     seed: int = typer.Option(D.seed, help="Seed of initialisation, data order and curriculum."),
     out: Optional[Path] = typer.Option(None, help="Run folder to create [default: runs/<memory>-s<slots>]."),
     data: Optional[Path] = typer.Option(None, help="UTF-8 text file to train on [default: the embedded Shakespeare corpus]."),
@@ -76,7 +78,7 @@ def train(
         if out is not None and out.resolve() != resume.resolve():
             raise InputError(f"--out {out} and --resume {resume} name different folders; a resumed run stays in its folder")
         out = resume
-        model_cfg, train_cfg = _resume_configs(ctx, resume, iters, save_every, eval_every, device.value)
+        model_cfg, train_cfg = _resume_configs(ctx, resume, iters, save_every, eval_every, device.value, compile)
     else:
         model_cfg = ModelConfig(
             block_size=block_size, n_layer=layers, n_head=heads, n_embd=embd,
@@ -86,7 +88,7 @@ def train(
         ).check()
         train_cfg = TrainConfig(
             iters=iters, batch_size=batch_size, segments=segments, lr=lr, curriculum=curriculum, grad_clip=grad_clip,
-            eval_every=eval_every, save_every=save_every, seed=seed, device=device.value,
+            eval_every=eval_every, save_every=save_every, seed=seed, device=device.value, compile=compile,
             data=str(data) if data is not None else None,
         ).check(model_cfg.memory)
         if out is None:
@@ -96,9 +98,13 @@ def train(
             from imm_cli.data import read_text_file
 
             read_text_file(data, what="data file")  # checked before any folder is made
+    from imm_cli.distributed import is_main_process
     from imm_cli.train import resolve_device, train as run_training
 
     resolve_device(train_cfg.device)  # --device cuda without one: refuse before writing
+    if not is_main_process():  # under torchrun only process 0 prints (errors still reach stderr)
+        run_training(model_cfg, train_cfg, out, resume=resume is not None)
+        return
     result = _with_progress(lambda cb: run_training(model_cfg, train_cfg, out, resume=resume is not None, on_event=cb))
     _summary(result, model_cfg)
     if json_out:
@@ -122,7 +128,7 @@ def _check_new_out(out: Path) -> None:
         raise InputError(f"--out {out} is not empty; choose an empty or new folder")
 
 
-def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, eval_every: int, device: str):
+def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, eval_every: int, device: str, compile: bool = False):
     state = runs.check_resumable(run)  # config, weights and training state all load, before any work
     saved_model = runs.load_model_config(run)
     saved_train = runs.load_train_config(run)
@@ -144,7 +150,7 @@ def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, 
             flag = "--" + name.replace("_", "-")
             raise InputError(f"{flag} {given} disagrees with the run being resumed ({flag} {saved} in {run / runs.CONFIG})")
     changes = {}
-    for name, value in (("iters", iters), ("save_every", save_every), ("eval_every", eval_every), ("device", device)):
+    for name, value in (("iters", iters), ("save_every", save_every), ("eval_every", eval_every), ("device", device), ("compile", compile)):
         if _given(ctx, name):
             changes[name] = value
     from dataclasses import replace
@@ -174,7 +180,9 @@ def _with_progress(run):
         nonlocal task
         if e["type"] == "start":
             mem = f", memory {e['memory_params']:,} ({100 * e['memory_params'] / e['params']:.2f}%)" if e["memory_params"] else ""
-            console.print(f"model: {e['params']:,} parameters{mem}; device {e['device']}; "
+            procs = f" x {e['processes']} processes" if e.get("processes", 1) > 1 else ""
+            console.print(f"model: {e['params']:,} parameters{mem}; device {e['device']}{procs}, {e.get('precision', 'fp32')}"
+                          + (", compiled" if e.get("compile") else "") + "; "
                           f"{e['episodes']} episodes x {e['segments']} segments per step"
                           + (f", {e['curriculum_episodes']} of them recall curriculum" if e["curriculum_episodes"] else ""))
             task = progress.add_task("train", total=None, completed=e["step"], loss="-", tps="-", val="")
