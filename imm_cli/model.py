@@ -49,15 +49,17 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: Tensor, cache: KVCache | None = None) -> Tensor:
         q, k, v = rearrange(self.c_attn(x), "b n (three h d) -> three b h n d", three=3, h=self.n_head)
-        causal = True
+        causal, mask = True, None
         if cache is not None:
             if cache.k is not None:
                 k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
-                causal = False  # one new query attends to everything cached before it
-                assert q.shape[2] == 1, "incremental steps take one token at a time"
+                causal = False  # new queries see everything cached, and each other causally
+                n, t = q.shape[2], k.shape[2]
+                if n > 1:
+                    mask = torch.ones(n, t, dtype=torch.bool, device=q.device).tril(t - n)
             cache.k, cache.v = k, v
         p = self.dropout if self.training else 0.0
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=causal, dropout_p=p)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, dropout_p=p)
         return self.c_proj(rearrange(y, "b h n d -> b n (h d)"))
 
 

@@ -8,7 +8,8 @@ Protocol (per trial, batched over facts):
 Conditions side by side, same prompts:
   memory       the memory written with this fact's haystack;
   fresh        a fresh memory (nothing written): what the model guesses from the cue alone;
-  other_facts  a memory written with the other facts' haystacks, not this one;
+  other_facts  a memory written the same way with the haystacks of other facts (as many as its
+               slots hold without evicting, at least one), never this one;
   in_context   a fresh memory, the fact inside the attention window before the cue (upper bound).
 Figures per condition: exact match of the greedy rest, character accuracy (teacher-forced),
 loss per byte of the true rest, recall@1 (the true rest has the lowest loss among all facts' rests).
@@ -41,7 +42,7 @@ class NeedleSettings:
     context: int = 32  # bytes of other text before the cue in the test context
     seed: int = 0
     lengths: tuple[int, ...] = (256, 512, 1024, 2048)  # heatmap rows
-    depths: tuple[float, ...] = (0.0, 0.25, 0.5, 0.75, 1.0)  # heatmap columns
+    depths: tuple[float, ...] = (0.0, 0.5, 1.0)  # heatmap columns
     capacity: tuple[int, ...] = (1, 2, 4, 8, 16)  # facts stored in one memory (capped at the facts given)
     sweeps: bool = True
 
@@ -120,14 +121,21 @@ def run_trial(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings
     P_ic = B - max(len(r) for r in rests) + 1
     ic_prompts = probe.as_ids([probe.cue_prompt(text, f, P_ic, rng, before=b"\n" + f.text.encode() + b"\n") for f in facts], device)
 
+    others = other_facts_count(model, N, s.length)
     states = {
         "memory": _write_haystacks(model, [[h] for h in hay], device),
         "fresh": model.init_state(N, device),
-        "other_facts": _write_haystacks(model, [[hay[(i + k) % N] for k in range(1, N)] for i in range(N)], device),
+        "other_facts": _write_haystacks(model, [[hay[(i + k) % N] for k in range(1, others + 1)] for i in range(N)], device),
     }
     out = {name: _evaluate(model, st, prompts, rests) for name, st in states.items()}
     out["in_context"] = _evaluate(model, model.init_state(N, device), ic_prompts, rests)
     return out
+
+
+def other_facts_count(model: GPT, n_facts: int, length: int) -> int:
+    """How many other facts the control writes: as many haystacks as the slots hold (at least 1)."""
+    segments = -(-length // model.cfg.block_size)
+    return max(1, min(n_facts - 1, model.cfg.memory.slots // segments))
 
 
 def _summarise(per_trial: list[dict]) -> dict[str, dict[str, float]]:
@@ -236,7 +244,7 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
             }
         fact_rows.append(row)
     result = NeedleResult(
-        settings={**asdict(s), "facts": len(facts)},
+        settings={**asdict(s), "facts": len(facts), "other_facts_written": other_facts_count(model, len(facts), s.length)},
         model={"memory": model.cfg.memory.kind if model.memory is not None else "none",
                "slots": model.cfg.memory.slots, "block_size": model.cfg.block_size},
         conditions=conditions,

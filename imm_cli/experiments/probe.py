@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from imm_cli.data import encode
 from imm_cli.facts import Fact
 from imm_cli.memory import State
-from imm_cli.model import GPT
+from imm_cli.model import GPT, KVCache
 
 
 def as_ids(texts: list[bytes], device) -> torch.Tensor:
@@ -129,12 +129,29 @@ def exact_matches(generated: list[bytes], rests: list[bytes]) -> list[bool]:
 
 @torch.no_grad()
 def recall_at_1(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes]) -> torch.Tensor:
-    """Row i: is fact i's true rest the lowest-loss (per byte) rest among all facts' rests?"""
-    N = len(rests)
-    big_state = repeat_state(state, N)
+    """Row i: is fact i's true rest the lowest-loss (per byte) rest among all facts' rests?
+
+    Each prompt is run once into a KV cache; the N candidate rests then continue from it.
+    """
+    N, P = prompts.shape
+    R = max(len(r) for r in rests)
+    caches = [KVCache() for _ in model.blocks]
+    last = model(prompts, state=state, caches=caches, write=False).logits[:, -1]  # predicts rest byte 0
+    for c in caches:
+        c.k, c.v = c.k.repeat_interleave(N, dim=0), c.v.repeat_interleave(N, dim=0)
+    rest_ids = torch.zeros((N, R), dtype=torch.long, device=prompts.device)
+    lengths = torch.tensor([len(r) for r in rests], device=prompts.device)
+    for j, r in enumerate(rests):
+        rest_ids[j, : len(r)] = torch.tensor(list(r), dtype=torch.long)
+    cand = rest_ids.repeat(N, 1)  # row i*N + j: fact i's prompt, fact j's rest
     big_prompts = prompts.repeat_interleave(N, dim=0)
-    big_rests = [rests[j] for _ in range(N) for j in range(N)]
-    loss = score_rests(model, big_state, big_prompts, big_rests)["loss_per_byte"].view(N, N)
+    window = torch.cat([big_prompts, cand[:, :-1]], dim=1)
+    logits = model(cand[:, :-1], state=repeat_state(state, N), prev=big_prompts, caches=caches, pos_offset=P,
+                   write=False, window=window).logits
+    logits = torch.cat([last.repeat_interleave(N, dim=0)[:, None], logits], dim=1)  # (N*N, R, vocab)
+    nll = -torch.log_softmax(logits.float(), -1).gather(-1, cand[..., None]).squeeze(-1)
+    mask = torch.arange(R, device=prompts.device)[None, :] < lengths.repeat(N)[:, None]
+    loss = ((nll * mask).sum(1) / mask.sum(1)).view(N, N)
     return loss.argmin(dim=1) == torch.arange(N, device=loss.device)
 
 
