@@ -37,6 +37,7 @@ app.command("store")(store_cmd.store)
 app.command("usage")(usage_cmd.usage)
 app.command("recall")(recall_cmd.recall)
 app.command("needle")(needle_cmd.needle)
+app.command("sweep")(__import__("imm_cli.cli.sweep", fromlist=["sweep"]).sweep)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -53,7 +53,7 @@ class SweepSettings:
     memory_lr: tuple[float, ...] = (0.04,)
     memory_norm: tuple[str, ...] = ("layer",)
     memory_temp: tuple[float | None, ...] = (None,)
-    memory: tuple[str, ...] = ("episodic",)
+    memory: tuple[str, ...] = ("linformer",)  # the notes' memory: --memory-lr and --memory-norm act on it only
     iters: int = 100
     layers: int = 4
     heads: int = 4
@@ -331,9 +331,12 @@ def run_sweep(s: SweepSettings, out: Path, facts: Path | None, rank_by: str = "n
         done[p.name] = rec
         emit({"type": "point_done", "point": p.name, "record": rec})
     records = [done[p.name] for p in points if p.name in done]
+    notes = []
+    if "episodic" in s.memory and (len(set(s.memory_lr)) > 1 or len(set(s.memory_norm)) > 1):
+        notes.append("--memory-lr and --memory-norm do not act on the episodic memory: its points differ only in the other settings")
     return SweepResult(out=str(out), rank_by=rank_by, points=rank(records, rank_by), trained=trained,
                        measured=measured, skipped=skipped, interrupted=interrupted,
-                       seconds=time.perf_counter() - t0)
+                       seconds=time.perf_counter() - t0, notes=notes)
 
 
 def varying(records: list[dict]) -> list[str]:
