@@ -10,7 +10,7 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import _clean, console, handle_errors, parse_list, print_json
-from imm_cli.cli.store import check_out
+from imm_cli.cli.store import check_out  # the run folder by default, checked
 from imm_cli.experiments.needle import CONDITIONS, NeedleSettings, run_needle
 from imm_cli.experiments.setup import open_facts, open_run
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Optional
 
@@ -11,7 +10,7 @@ import typer
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import _clean, console, fmt, handle_errors, print_json
+from imm_cli.cli.common import _clean, check_out_folder, console, fmt, handle_errors, print_json
 from imm_cli.errors import InputError
 
 STORE_JSON = "store.json"
@@ -27,13 +26,9 @@ OUT_HELP = "Folder for the plots and the JSON result [default: the run folder]."
 
 # --- shared by store and usage ---------------------------------------------------------------------
 def check_out(run: Path, out: Optional[Path]) -> Path:
-    """The output folder; refused before any work if it cannot be one. Created only when writing."""
+    """The output folder (default: the run folder); refused before any work if it cannot be one."""
     out = run if out is None else out
-    if out.exists() and not out.is_dir():
-        raise InputError(f"--out {out} is a file, not a folder")
-    parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
-    if not os.access(parent, os.W_OK):
-        raise InputError(f"--out {out}: {parent} is not writable")
+    check_out_folder(out)
     return out
 
 

@@ -57,8 +57,11 @@ class LinformerMemory(Memory):
         attn = torch.softmax(scores / self.temp, dim=-1)  # each slot pools the segment (length n -> S)
         candidate = einsum(attn, self.v(h), "b s n, b n d -> b s d")
         self._record(write_attn=attn)
-        new = (1 - self.cfg.lr) * slots + self.cfg.lr * candidate
-        return {"slots": self._normalise(new)}
+        new = self._normalise((1 - self.cfg.lr) * slots + self.cfg.lr * candidate)
+        # a constant or zero merge (possible at lr = 1) has no direction to normalise: keep the old slot
+        expected = 1.0 if self.cfg.norm == "l2" else new.shape[-1] ** 0.5
+        degenerate = new.norm(dim=-1, keepdim=True) < 0.5 * expected
+        return {"slots": torch.where(degenerate, slots, new)}
 
     def slot_vectors(self, state: State) -> Tensor:
         return state["slots"]
