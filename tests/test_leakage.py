@@ -22,13 +22,14 @@ from imm_cli.curriculum import (
 from imm_cli.data import decode, load_corpus, load_default_corpus
 from imm_cli.facts import load_facts
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "facts.txt"
+EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = EXAMPLES_DIR / "facts.txt"
 TINY = Path("/work/shared/data/tinyshakespeare.txt")
 
 
-@pytest.fixture(scope="module")
-def eval_facts():
-    return load_facts(EXAMPLES)
+@pytest.fixture(scope="module", params=["facts.txt", "heldout_facts.txt"])
+def eval_facts(request):
+    return load_facts(EXAMPLES_DIR / request.param)
 
 
 @pytest.fixture(scope="module")
