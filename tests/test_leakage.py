@@ -62,7 +62,7 @@ def test_can_generate_word_rules():
 
 def test_eval_words_cannot_be_generated(eval_facts):
     words = {w for f in eval_facts for w in re.findall(r"[A-Za-z]+", f.text) if w[0].isupper() and len(w) >= 4}
-    assert {"Python", "Pluto", "Bitcoin"} <= words
+    assert len(words) >= 10  # the check below has something to bite on
     assert [w for w in words if can_generate_word(w)] == []
     # every cue starts with a non-generable word, or with "The" + a non-generable word
     for f in eval_facts:
