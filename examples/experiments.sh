@@ -2,13 +2,13 @@
 # Train one run, then run the notes' experiments on it, reading figures from --json with python3
 # (any JSON tool works: jq -r .mean store.json does the same).
 #
-#   examples/experiments.sh [RUN_DIR]          # default runs/s8; ITERS=300 for a quick look
+#   examples/experiments.sh [RUN_DIR]          # default runs/default; ITERS=300 for a quick look
 #
 # Every command exits 0 on success, 2 on bad input (one line on stderr), 1 on a failure at run time,
 # so `set -e` stops the chain at the first problem.
 set -euo pipefail
 
-RUN="${1:-runs/s8}"
+RUN="${1:-runs/default}"
 ITERS="${ITERS:-3000}"
 FACTS="${FACTS:-$(dirname "$0")/facts.txt}"
 
@@ -21,7 +21,9 @@ print(f"{d:.3f}" if isinstance(d, float) else json.dumps(d))' "$1"
 }
 
 if [ ! -f "$RUN/config.json" ]; then
-    imm train --slots 8 --iters "$ITERS" --out "$RUN" --json > "$RUN.train.json"
+    mkdir -p "$(dirname "$RUN")"
+    imm train --iters "$ITERS" --out "$RUN" --json > "$RUN.train.json"
+    echo "trained: validation loss $(json val_loss < "$RUN.train.json") (memory read ablated: $(json val_loss_ablated < "$RUN.train.json")), memory share $(json memory_share < "$RUN.train.json")"
 fi
 
 # pattern storage test: tables on stderr, the JSON document on stdout (also saved as $RUN/store.json)
@@ -35,12 +37,20 @@ imm usage --run "$RUN" --json > "$RUN/usage.out.json"
 echo "slot usage: entropy $(json entropy < "$RUN/usage.out.json"), min/max $(json min_max_ratio < "$RUN/usage.out.json"), cv $(json cv < "$RUN/usage.out.json")"
 echo "  dead slots: $(json dead_slots < "$RUN/usage.out.json")   read gate mean: $(json gates.0.mean < "$RUN/usage.out.json")"
 
-# recall and needle, once this imm has them
-if imm recall --help > /dev/null 2>&1; then
-    imm recall --run "$RUN" --facts "$FACTS" --json > "$RUN/recall.out.json"
-fi
-if imm needle --help > /dev/null 2>&1; then
-    imm needle --run "$RUN" --facts "$FACTS" --json > "$RUN/needle.out.json"
-fi
+# recall: every fact shown once, then each completed from its two-word cue (memory frozen)
+imm recall --run "$RUN" --facts "$FACTS" --json > "$RUN/recall.out.json"
+echo "recall: exact match $(json summary.memory.exact_match < "$RUN/recall.out.json") with memory," \
+     "$(json summary.fresh.exact_match < "$RUN/recall.out.json") with a fresh memory;" \
+     "character accuracy $(json summary.memory.char_accuracy < "$RUN/recall.out.json") vs $(json summary.fresh.char_accuracy < "$RUN/recall.out.json")"
 
-echo "plots in $RUN: pattern_similarity.png slot_usage_heatmap.png optimal_config_results.png"
+# needle in a haystack: each fact once inside other text, recalled later in a new context
+imm needle --run "$RUN" --facts "$FACTS" --json > "$RUN/needle.out.json"
+for c in memory fresh other_facts in_context; do
+    echo "needle $c: exact $(json conditions.$c.exact_match < "$RUN/needle.out.json")" \
+         "recall@1 $(json conditions.$c.recall_at_1 < "$RUN/needle.out.json")" \
+         "char acc $(json conditions.$c.char_accuracy < "$RUN/needle.out.json")"
+done
+echo "verdict: $(json verdict < "$RUN/needle.out.json")"
+
+echo "plots in $RUN: loss.png pattern_similarity.png slot_usage_heatmap.png optimal_config_results.png"
+echo "              context_influence.png needle_heatmap.png capacity.png"
