@@ -19,7 +19,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from imm_cli.config import ModelConfig
-from imm_cli.memory import PAD, Memory, Segment, State, build_memory
+from imm_cli.memory import Memory, Segment, State, build_memory
 
 
 @dataclass

@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import io
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -93,6 +94,17 @@ def _atomic_write(path: Path, write) -> None:
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     _atomic_write(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def json_safe(obj: Any) -> Any:
+    """JSON has no NaN/inf: write them as null so every consumer can parse the document."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
 
 
 def atomic_write_json(path: Path, obj: Any) -> None:

@@ -12,7 +12,6 @@ import json
 import os
 import pathlib
 import shutil
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable

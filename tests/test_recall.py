@@ -14,7 +14,7 @@ from imm_cli.cli.app import app
 from imm_cli.config import MemoryConfig
 from imm_cli.experiments import probe
 from imm_cli.experiments.needle import CONDITIONS, METRICS, _summarise, verdict
-from imm_cli.memory import PAD, EpisodicMemory, Segment
+from imm_cli.memory import EpisodicMemory, Segment
 
 runner = CliRunner()
 

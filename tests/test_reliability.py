@@ -29,7 +29,7 @@ from safetensors.torch import load_file
 from conftest import TINY, clean_env, imm_command, tiny_configs
 from imm_cli import runs
 from imm_cli import train as train_mod
-from imm_cli.errors import InputError, RunError
+from imm_cli.errors import InputError
 
 
 def weights_equal(a: Path, b: Path) -> bool:

@@ -8,13 +8,14 @@ import math
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
 from imm_cli.errors import InputError, RunError
+from imm_cli.runs import json_safe
 
 console = Console(stderr=True)  # tables and progress: stdout is kept for --json
 
@@ -68,15 +69,7 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
-def _clean(obj: Any) -> Any:
-    """JSON has no NaN/inf: write them as null so every consumer can parse the document."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
+_clean = json_safe  # the name the commands use
 
 
 def print_json(doc: dict) -> None:

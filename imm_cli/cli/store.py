@@ -11,7 +11,6 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import _clean, check_out_folder, console, fmt, handle_errors, print_json
-from imm_cli.errors import InputError
 
 STORE_JSON = "store.json"
 USAGE_JSON = "usage.json"

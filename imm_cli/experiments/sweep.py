@@ -154,7 +154,7 @@ def read_records(out: Path) -> dict[str, dict]:
 def append_record(out: Path, rec: dict) -> None:
     """Append one line with a single write, then fsync: a line is either whole or ignored when read."""
     path = Path(out) / JSONL
-    data = (json.dumps(_clean(rec)) + "\n").encode()
+    data = (json.dumps(runs.json_safe(rec)) + "\n").encode()
     fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, runs.FILE_MODE)
     try:
         size = os.fstat(fd).st_size
@@ -169,14 +169,6 @@ def append_record(out: Path, rec: dict) -> None:
         os.close(fd)
 
 
-def _clean(obj):
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_clean(v) for v in obj]
-    return obj
 
 
 def check_settings(out: Path, shared: dict) -> None:
