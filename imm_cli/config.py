@@ -101,7 +101,7 @@ class TrainConfig:
     warmup: int = 100  # warmup steps
     weight_decay: float = 0.1  # on matrices only
     grad_clip: float = 1.0  # max gradient norm; 0 = off
-    curriculum: float = 0.5  # share of episodes that are synthetic-fact recall episodes (0 = plain corpus only)
+    curriculum: float = 0.25  # share of episodes that are synthetic-fact recall episodes (0 = plain corpus only)
     eval_every: int = 250  # steps between validation evaluations
     eval_batches: int = 8  # validation episodes batches per evaluation
     save_every: int = 500  # steps between checkpoints
