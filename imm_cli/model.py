@@ -90,7 +90,7 @@ class Block(nn.Module):
         if self.memory is not None:
             h = self.ln_m(x)  # what the memory reads with and later writes from
             if not self.memory.ablated:
-                x = x + self.memory.read(h, seg, state)
+                x = x + (self.memory.read_episode(h, seg) if seg.episode else self.memory.read(h, seg, state))
         x = x + self.mlp(self.ln_2(x))
         return x, h
 
@@ -164,6 +164,11 @@ class GPT(nn.Module):
             mem = sum(p.numel() for p in block.memory.parameters()) + sum(p.numel() for p in block.ln_m.parameters())
         return total, mem
 
+    def episode_at_once(self, segments: int, n: int) -> bool:
+        """Whether `forward` may take a fresh episode (b segments n) in one batched call (see _forward_episode)."""
+        mem = self.memory
+        return mem is None or (mem.ablated and not mem.observe) or mem.episode_at_once(segments, n)
+
     # --- forward -------------------------------------------------------------------------------
     def forward(
         self,
@@ -176,7 +181,14 @@ class GPT(nn.Module):
         write: bool = True,
         window: Tensor | None = None,
     ) -> GPTOutput:
-        """idx (b n) bytes; targets (b n) next bytes, -1 = unknown; prev (b p) bytes before idx."""
+        """idx (b n) bytes; targets (b n) next bytes, -1 = unknown; prev (b p) bytes before idx.
+
+        idx and targets of shape (b segments n) are whole fresh episodes, run at once (only where
+        `episode_at_once` holds): loss is the mean over segments of each segment's mean loss, as the
+        segment-by-segment loop gives; no state is returned.
+        """
+        if idx.dim() == 3:
+            return self._forward_episode(idx, targets)
         b, n = idx.shape
         if pos_offset + n > self.cfg.block_size:
             raise ValueError(f"sequence of {pos_offset + n} bytes exceeds block size {self.cfg.block_size}")
@@ -217,6 +229,28 @@ class GPT(nn.Module):
         if want_write:
             state = self.memory.write(h_mem, seg, state, token_loss.detach().masked_fill(write_targets < 0, 0.0))
         return GPTOutput(logits=logits, loss=loss, token_loss=token_loss, state=state, caches=caches or [])
+
+    def _forward_episode(self, idx: Tensor, targets: Tensor) -> GPTOutput:
+        """Every segment of fresh episodes in one batched forward: the memory reads what the
+        sequential loop would have written (EpisodicMemory.read_episode), nothing waits for a write."""
+        b, S, n = idx.shape
+        if targets is None or targets.shape != idx.shape:
+            raise ValueError("a whole-episode forward needs targets of the same (b segments n) shape")
+        if n > self.cfg.block_size:
+            raise ValueError(f"sequence of {n} bytes exceeds block size {self.cfg.block_size}")
+        if not self.episode_at_once(S, n):
+            raise ValueError("this memory cannot run an episode at once; run its segments one by one")
+        ids, tg = idx.reshape(b * S, n), targets.reshape(b * S, n)
+        seg = Segment(ids=ids, prev=ids.new_zeros((b * S, 0)), targets=tg, episode=S)
+        x = self.drop(self.wte(ids) + self.wpe(torch.arange(n, device=idx.device)))
+        for block in self.blocks:
+            x, _ = block(x, seg, None)
+        logits = self.lm_head(self.ln_f(x))
+        flat = F.cross_entropy(rearrange(logits, "b n v -> (b n) v").float(), tg.reshape(-1).clamp(min=0), reduction="none")
+        known = tg >= 0
+        token_loss = flat.view(b, S, n) * known.view(b, S, n)
+        per_segment = token_loss.sum(dim=(0, 2)) / known.view(b, S, n).sum(dim=(0, 2)).clamp(min=1)
+        return GPTOutput(logits=logits.view(b, S, n, -1), loss=per_segment.mean(), token_loss=token_loss, state=None)
 
     # --- generation ----------------------------------------------------------------------------
     @torch.no_grad()

@@ -133,7 +133,16 @@ def _py_rng_from_state(st: list) -> tuple:
 
 
 def episode_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Mean loss over an episode's segments, memory carried from each segment to the next."""
+    """Mean loss over an episode's segments, memory carried from each segment to the next.
+
+    x, y: (episodes segments n). Where the memory allows it (always without memory; the default
+    episodic memory when no entry can be evicted) all segments run in one batched forward that
+    computes the same loss and gradients; otherwise segment by segment.
+    """
+    core = getattr(model, "_orig_mod", model)  # under torch.compile: the module that holds the weights
+    if core.episode_at_once(x.shape[1], x.shape[2]):
+        out = model(x, y)
+        return out.loss, list(out.token_loss.unbind(1))
     state = model.init_state(x.shape[0], x.device)
     losses, token_losses = [], []
     for s in range(x.shape[1]):

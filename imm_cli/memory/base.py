@@ -30,6 +30,7 @@ class Segment:
     targets: Tensor  # (b n) the next byte after each position, -1 where unknown
     window: Tensor | None = None  # (b w) incremental generation: the whole window so far, ending with ids
     window_prev: Tensor | None = None  # (b p) bytes before the window
+    episode: int = 0  # whole-episode forward: ids/targets are (b*episode n), the episode's segments in order
 
 
 class Memory(nn.Module):
@@ -52,6 +53,19 @@ class Memory(nn.Module):
         raise NotImplementedError
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
+        raise NotImplementedError
+
+    def episode_at_once(self, segments: int, n: int) -> bool:
+        """Whether a fresh episode of `segments` segments of n bytes can run as one batched forward.
+
+        True only where every read can be computed without the forward passes of earlier segments
+        (so `read_episode` gives the sequential path's result exactly); False sends training back to
+        the segment-by-segment loop.
+        """
+        return False
+
+    def read_episode(self, h: Tensor, seg: Segment) -> Tensor:
+        """`read` for every segment of fresh episodes at once (seg.episode segments per episode)."""
         raise NotImplementedError
 
     def slot_vectors(self, state: State) -> Tensor:

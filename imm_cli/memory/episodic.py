@@ -60,9 +60,10 @@ class EpisodicMemory(Memory):
         pad = torch.full((b, K - 1 - prev.shape[1]), PAD, dtype=ids.dtype, device=ids.device)
         stream = torch.cat([pad, prev, ids], dim=1)  # (b, n + K - 1)
         windows = stream.unfold(1, K, 1).flip(-1)  # (b n K): offset 0 = the current byte
-        offsets = torch.arange(K, device=stream.device)
-        emb = self.key_emb[offsets, windows]  # (b n K dk)
-        return F.normalize(emb.sum(dim=2), dim=-1)
+        offsets = torch.arange(K, device=stream.device) * (PAD + 1)  # row of (offset, byte) in the flat table
+        # sum over the K offsets of key_emb[offset, byte], as one embedding bag (no (b n K dk) tensor)
+        emb = F.embedding_bag((windows + offsets).reshape(b * n, K), self.key_emb.reshape(K * (PAD + 1), -1), mode="sum")
+        return F.normalize(emb.view(b, n, -1), dim=-1)
 
     # --- interface -----------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:
@@ -112,6 +113,60 @@ class EpisodicMemory(Memory):
             self._record(read_attn=rearrange(attn[..., :m], "b n (s e) -> b n s e", s=S, e=E).sum(-1),
                          local_attn=attn[..., m:].sum(-1), gate=gate.squeeze(-1))
         return gate * read
+
+    # --- a whole episode at once (training) ----------------------------------------------------
+    def episode_at_once(self, segments: int, n: int) -> bool:
+        """With every position kept and no slot ever evicted, what segment s reads is fixed by the bytes.
+
+        Then segment s's state holds exactly the entries of segments 0..s-1 (key: the n-gram at each
+        position, value: its next byte, valid where the target is known); surprise only orders the
+        entries and sets slot importance, which matters for eviction alone. So all segments can read
+        in one batched call. Conditions: every position kept (entries >= n), no eviction
+        (segments <= slots), keys reach back no further than the previous segment (key_bytes - 1 <= n),
+        and neither frozen nor observed.
+        """
+        return (not self.frozen and not self.observe and segments <= self.cfg.slots
+                and self.entries >= n and self.cfg.key_bytes - 1 <= n)
+
+    def read_episode(self, h: Tensor, seg: Segment) -> Tensor:
+        """`read` of every segment of fresh episodes; h, seg.ids, seg.targets are (b*S n ...), S = seg.episode.
+
+        One (L x L) attention per episode (L = S*n): query t in segment s reads position p of an earlier
+        segment as a stored entry (p's n-gram -> its target, if known) and p < t of its own segment as a
+        local entry (-> the byte after p in the segment), plus the "nothing matches" option; the same
+        set of scores the sequential path gives (only their order, hence float rounding, differs).
+        """
+        S = seg.episode
+        bs, n = seg.ids.shape
+        b, L = bs // S, S * n
+        stream = seg.ids.reshape(b, L)
+        kw = self._ngram(stream, stream[:, :0])  # (b L k): each segment's prev is the previous segment
+        scale = self.log_scale.exp()
+        scores = torch.bmm(kw, kw.transpose(1, 2)) * scale  # (b t p)
+        seg_of = torch.arange(L, device=stream.device) // n
+        pos = torch.arange(L, device=stream.device)
+        earlier = seg_of[None, :] < seg_of[:, None]  # (t p): p in an earlier segment: a stored entry
+        local = (seg_of[None, :] == seg_of[:, None]) & (pos[None, :] < pos[:, None])  # p < t, same segment
+        if not self.cfg.local:
+            local = torch.zeros_like(local)
+        targets = seg.targets.reshape(b, L)
+        allowed = (earlier[None] & (targets >= 0)[:, None, :]) | local[None]  # (b t p)
+        null = (scale * self.null_cos).expand(b, L, 1)
+        scores = torch.cat([scores.masked_fill(~allowed, -math.inf), null], dim=-1)
+        attn = torch.softmax(scores, dim=-1)[..., :-1]  # "nothing" dropped
+        # the byte each entry carries: a stored entry its target, a local one the next byte of its
+        # segment (the diagonal blocks t, p in the same segment); summed per byte id as in lookup()
+        byte = targets.masked_fill(targets < 0, PAD)[:, None, :].expand(b, L, L).clone()
+        nxt = F.pad(seg.ids[:, 1:], (0, 1), value=PAD).view(b, S, n)
+        byte.view(b, S, n, S, n).diagonal(dim1=1, dim2=3).copy_(nxt.transpose(1, 2)[:, None])
+        per_byte = attn.new_zeros(b, L, PAD + 1).scatter_add_(2, byte, attn)
+        # out(per_byte @ V) with the projection applied to the 257 value rows once, not to every position
+        values = self.value_emb.weight @ self.out.weight.t()
+        read = per_byte @ values
+        if self.out.bias is not None:
+            read = read + self.out.bias
+        gate = torch.sigmoid(self.gate(h))
+        return gate * read.reshape(bs, n, -1)
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
         b, n = seg.ids.shape
