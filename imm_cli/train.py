@@ -388,7 +388,8 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, em
             optimizer.zero_grad(set_to_none=True)
             loss.backward()  # under DDP: gradients averaged over the processes here
             gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            loss_v, gnorm_v = dist.mean(loss).item(), gnorm.item()  # the loss of the global batch
+            # the loss of the global batch and the gradient norm in one host sync (the NaN guard needs both)
+            loss_v, gnorm_v = torch.stack([dist.mean(loss).detach().float(), gnorm.detach().float()]).tolist()
             if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):  # before the update: weights stay good
                 nonfinite = True
                 if main:

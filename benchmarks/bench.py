@@ -1,0 +1,372 @@
+"""Speed and quality of imm side by side, measured in one process.
+
+    python benchmarks/bench.py [--quick] [--json] [--run RUN] [--quality]
+
+Training contenders (--slots 0, the default episodic memory, --memory linformer) run the real
+training step of imm_cli.train (Batches, episode_loss, AdamW step, gradient clipping, one
+host sync per step) on nanoGPT's CPU reference configuration (4 layers, 4 heads, 128 wide,
+block 64, batch 12, lr 1e-3), interleaved round by round so machine noise hits all alike; figures
+are medians over rounds. Also: greedy generation at batch 1 with and without the KV cache,
+the wall time of `imm recall` and `imm needle` (defaults, examples/facts.txt), model FLOPs per
+token and utilisation against a torch.matmul probe, and the peak RSS of a training process.
+`--quality` adds the full 2,000-iteration reference training of --slots 0 and of the default
+memory and their validation losses (minutes).
+
+A rich table goes to stderr; `--json` prints one JSON document on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig  # noqa: E402
+from imm_cli.data import load_corpus  # noqa: E402
+from imm_cli.model import GPT  # noqa: E402
+from imm_cli.train import Batches, episode_loss, lr_at, make_optimizer  # noqa: E402
+
+DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+FACTS = ROOT / "examples" / "facts.txt"
+REFERENCE = dict(n_layer=4, n_head=4, n_embd=128, block_size=64)  # nanoGPT's CPU configuration
+REFERENCE_TRAIN = dict(batch_size=12, iters=2000, lr=1e-3)
+CONTENDERS = {
+    "slots0": MemoryConfig(slots=0),
+    "episodic": MemoryConfig(),  # the default memory
+    "linformer": MemoryConfig(kind="linformer"),
+}
+NANOGPT_MS = 41.8  # nanoGPT on the reference configuration, 2-core CI machine (issue 6)
+
+
+T0 = time.perf_counter()
+
+
+def log(msg: str) -> None:
+    print(f"[{time.perf_counter() - T0:5.0f} s] {msg}", file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- training speed
+
+
+class Trainer:
+    """One contender: model, optimizer and data stream, stepping exactly as imm_cli.train does."""
+
+    def __init__(self, memory: MemoryConfig, corpus, seed: int = 1337) -> None:
+        self.mcfg = ModelConfig(**REFERENCE, memory=memory)
+        self.tcfg = TrainConfig(**REFERENCE_TRAIN, seed=seed)
+        torch.manual_seed(seed)
+        self.model = GPT(self.mcfg).train()
+        self.opt = make_optimizer(self.model, self.tcfg, torch.device("cpu"))
+        self.segments = self.tcfg.effective_segments(memory)
+        self.batches = Batches(corpus, self.mcfg, self.tcfg, self.segments, seed)
+        self.step_no = 0
+
+    def step(self) -> float:
+        t0 = time.perf_counter()
+        lr = lr_at(self.step_no, self.tcfg)
+        for g in self.opt.param_groups:
+            g["lr"] = lr
+        x, y = self.batches.next()
+        loss = episode_loss(self.model, x, y)[0]
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.tcfg.grad_clip)
+        torch.stack([loss.detach(), gnorm]).tolist()  # the NaN guard's one sync per step
+        self.opt.step()
+        self.step_no += 1
+        return time.perf_counter() - t0
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.tcfg.batch_size * self.mcfg.block_size
+
+
+def bench_training(corpus, rounds: int, steps: int, warmup: int) -> dict:
+    trainers = {name: Trainer(mem, corpus) for name, mem in CONTENDERS.items()}
+    for t in trainers.values():
+        for _ in range(warmup):
+            t.step()
+    per_round = {name: [] for name in trainers}
+    for r in range(rounds):  # interleaved: round r runs every contender in turn, order rotating
+        names = list(trainers)
+        names = names[r % len(names):] + names[: r % len(names)]
+        for name in names:
+            times = [trainers[name].step() for _ in range(steps)]
+            per_round[name].append(statistics.median(times))
+    ms = {name: 1000 * statistics.median(v) for name, v in per_round.items()}
+    tps = {name: trainers[name].tokens_per_step / (ms[name] / 1000) for name in trainers}
+    params = {name: t.model.num_params()[0] for name, t in trainers.items()}
+    return {"ms_per_iter": ms, "tokens_per_s": tps, "params": params,
+            "segments": {n: t.segments for n, t in trainers.items()},
+            "whole_episode_forward": {n: t.model.episode_at_once(t.segments, t.mcfg.block_size) for n, t in trainers.items()}}
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def flops_per_token(mcfg: ModelConfig, segments: int) -> dict:
+    """Training FLOPs per token (forward + backward = 3 x forward), counted per matmul.
+
+    forward = 2*N_mm + 2*2*L*T*d (attention scores and values over the T-byte window, as in PaLM's
+    6N + 12*L*T*d estimate) + memory read/write; N_mm = L*12*d^2 + d*V (blocks and the tied head).
+    Episodic read (whole-episode path): scores over the episode's T*segments positions (2*dk each),
+    the byte mix into the 257 projected value rows (2*257*d) and the gate (2*d).
+    Linformer: read q, out (2*2*d^2) and S-slot attention (2*2*S*d), write k, v (2*2*d^2) and
+    S-slot pooling (2*2*S*d), the gate (2*d).
+    """
+    L, d, V, T = mcfg.n_layer, mcfg.n_embd, mcfg.vocab_size, mcfg.block_size
+    n_mm = L * 12 * d * d + d * V
+    fwd = 2 * n_mm + 4 * L * T * d
+    mem = mcfg.memory
+    mem_fwd = 0
+    if mem.enabled and mem.kind == "episodic":
+        mem_fwd = 2 * mem.key_dim * T * segments + 2 * 257 * d + 2 * d
+    elif mem.enabled:
+        mem_fwd = 4 * d * d + 4 * mem.slots * d + 4 * d * d + 4 * mem.slots * d + 2 * d
+    return {"train": 3 * (fwd + mem_fwd), "forward": fwd + mem_fwd, "matmul_params": n_mm,
+            "formula": "3 * (2*N_mm + 4*L*T*d + memory), N_mm = L*12*d^2 + d*V"}
+
+
+def matmul_flops(seconds: float = 2.0) -> float:
+    """The machine's fp32 matmul FLOP/s at the default thread count (best of square sizes)."""
+    best = 0.0
+    for n in (256, 512, 1024):
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        torch.matmul(a, b)
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds / 3:
+            torch.matmul(a, b)
+            reps += 1
+        best = max(best, 2 * n ** 3 * reps / (time.perf_counter() - t0))
+    return best
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+@torch.no_grad()
+def bench_generation(corpus, new: int, reps: int) -> dict:
+    """Greedy bytes at batch 1, the default model shape (block 128): cache on vs off, memory on vs off."""
+    torch.manual_seed(0)
+    text = torch.from_numpy(corpus.val[:4096].copy()).long()
+    prompt = text[None, 200:216]
+    models = {"memory": GPT(ModelConfig()).eval(), "slots0": GPT(ModelConfig(memory=MemoryConfig(slots=0))).eval()}
+    states = {"memory": models["memory"](text[None, :128]).state, "slots0": None}  # one segment written
+    times = {(m, c): [] for m in models for c in (True, False)}
+    for m, model in models.items():  # warm up
+        model.generate(prompt, 8, state=states[m], use_cache=True)
+        model.generate(prompt, 8, state=states[m], use_cache=False)
+    for _ in range(reps):
+        for m, model in models.items():
+            for cache in (True, False):
+                t0 = time.perf_counter()
+                model.generate(prompt, new, state=states[m], use_cache=cache)
+                times[(m, cache)].append(time.perf_counter() - t0)
+    tps = {f"{m}_{'cache' if c else 'nocache'}": new / statistics.median(v) for (m, c), v in times.items()}
+    return {"tokens_per_s": tps, "new_bytes": new, "prompt_bytes": prompt.shape[1],
+            "cache_speedup": {m: tps[f"{m}_cache"] / tps[f"{m}_nocache"] for m in models}}
+
+
+# ----------------------------------------------------------------------------- commands
+
+
+def imm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-c", "from imm_cli.cli.app import app; app()", *args]
+
+
+def run_timed(args: list[str], env: dict | None = None) -> tuple[float, int, str, int]:
+    """(wall seconds, exit code, stdout, peak RSS in MB) of one subprocess."""
+    t0 = time.perf_counter()
+    p = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=ROOT, text=True)
+    out, err = p.communicate()
+    wall = time.perf_counter() - t0
+    try:
+        rss = 0
+        _, _, ru = os.wait4(p.pid, os.WNOHANG)  # already reaped by communicate on most systems
+        rss = ru.ru_maxrss
+    except ChildProcessError:
+        rss = 0
+    if p.returncode != 0:
+        log(f"command failed ({p.returncode}): {' '.join(args[3:])}\n{err[-2000:]}")
+    return wall, p.returncode, out, rss // 1024
+
+
+def peak_rss_training(data: str | None, iters: int, tmp: Path) -> dict:
+    """Peak resident memory of `imm train` (default memory, reference configuration) in its own process."""
+    code = (
+        "import resource, sys; from imm_cli.cli.app import app\n"
+        "try:\n    app()\nexcept SystemExit:\n    pass\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+    )
+    args = ["train", "--layers", "4", "--heads", "4", "--embd", "128", "--block-size", "64", "--batch-size", "12",
+            "--lr", "1e-3", "--iters", str(iters), "--eval-every", str(iters), "--out", str(tmp / "rss_run")]
+    if data:
+        args += ["--data", data]
+    p = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=ROOT)
+    kb = int(p.stderr.strip().splitlines()[-1])
+    return {"peak_rss_mb": kb / 1024, "iters": iters}
+
+
+def trained_run(run: str | None, tmp: Path, data: str | None, iters: int) -> tuple[Path, str]:
+    if run:
+        return Path(run), f"--run {run}"
+    out = tmp / "quick_run"
+    args = ["train", "--iters", str(iters), "--eval-every", str(iters), "--out", str(out)]
+    if data:
+        args += ["--data", data]
+    log(f"no --run given: training a quick default run ({iters} iterations) for recall and needle")
+    wall, rc, _, _ = run_timed(imm_cmd(*args))
+    if rc != 0:
+        raise SystemExit("quick training run failed")
+    return out, f"a quick default run trained here ({iters} iterations, {wall:.0f} s)"
+
+
+def bench_experiments(run: Path, tmp: Path) -> dict:
+    res = {}
+    for name in ("recall", "needle"):
+        out = tmp / f"{name}_out"
+        wall, rc, stdout, _ = run_timed(imm_cmd(name, "--run", str(run), "--facts", str(FACTS), "--out", str(out), "--json"))
+        doc = json.loads(stdout) if rc == 0 else {}
+        res[name] = {"seconds": wall, "ok": rc == 0, "inner_seconds": doc.get("seconds")}
+        if name == "needle" and rc == 0:
+            res[name]["exact_match"] = doc["conditions"]["memory"]["exact_match"]
+        if name == "recall" and rc == 0:
+            res[name]["exact_match"] = doc["summary"]["memory"]["exact_match"]
+    return res
+
+
+# ----------------------------------------------------------------------------- quality
+
+
+def bench_quality(corpus_path: str | None, tmp: Path) -> dict:
+    """The full reference training for --slots 0 and the default memory; validation loss at 2,000."""
+    from imm_cli.train import train
+
+    res = {}
+    for name in ("slots0", "episodic"):
+        mcfg = ModelConfig(**REFERENCE, memory=CONTENDERS[name])
+        tcfg = TrainConfig(**REFERENCE_TRAIN, data=corpus_path)
+        log(f"quality: training {name} for {tcfg.iters} iterations")
+        t0 = time.perf_counter()
+        r = train(mcfg, tcfg, tmp / f"quality_{name}")
+        res[name] = {"val_loss": r.val_loss, "val_loss_ablated": r.val_loss_ablated, "seconds": time.perf_counter() - t0,
+                     "tokens_per_s": r.tokens_per_s}
+    res["val_loss_gap"] = res["episodic"]["val_loss"] - res["slots0"]["val_loss"]
+    return res
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def render(doc: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    con = Console(stderr=True)
+    t = Table(title=f"training, nanoGPT CPU reference config ({doc['data']}, {doc['threads']} threads, interleaved)")
+    for col in ("contender", "ms/iter", "tokens/s", "vs --slots 0", "model FLOPs/token", "MFU"):
+        t.add_column(col, justify="left" if col == "contender" else "right")
+    tr = doc["training"]
+    for name in CONTENDERS:
+        t.add_row(name + (" (default)" if name == "episodic" else ""), f"{tr['ms_per_iter'][name]:.1f}",
+                  f"{tr['tokens_per_s'][name]:,.0f}", f"{tr['tokens_per_s'][name] / tr['tokens_per_s']['slots0']:.2f}",
+                  f"{doc['flops_per_token'][name]['train'] / 1e6:.2f} M", f"{doc['mfu_by_contender'][name]:.2f}")
+    con.print(t)
+    g = Table(title=f"greedy generation, batch 1, {doc['generation']['new_bytes']} bytes (default model shape)")
+    for col in ("model", "with cache tok/s", "without cache tok/s", "speedup"):
+        g.add_column(col, justify="left" if col == "model" else "right")
+    gt = doc["generation"]["tokens_per_s"]
+    for m in ("memory", "slots0"):
+        g.add_row(m, f"{gt[m + '_cache']:,.0f}", f"{gt[m + '_nocache']:,.0f}", f"{doc['generation']['cache_speedup'][m]:.1f}x")
+    con.print(g)
+    o = Table(title="other figures")
+    o.add_column("figure")
+    o.add_column("value", justify="right")
+    if doc.get("recall_seconds") is not None:
+        o.add_row(f"imm recall, defaults, examples/facts.txt ({doc['experiments_run']})", f"{doc['recall_seconds']:.1f} s")
+        o.add_row("imm needle, defaults, examples/facts.txt", f"{doc['needle_seconds']:.1f} s")
+    o.add_row("machine matmul (torch.matmul probe)", f"{doc['matmul_flops'] / 1e9:.1f} GFLOP/s")
+    o.add_row("peak RSS of a training process", f"{doc['peak_rss_mb']:.0f} MB")
+    o.add_row("nanoGPT reference (issue 6, 2-core CI)", f"{NANOGPT_MS} ms/iter")
+    if doc.get("quality"):
+        q = doc["quality"]
+        o.add_row("val loss at 2000, --slots 0", f"{q['slots0']['val_loss']:.3f}")
+        o.add_row("val loss at 2000, default memory", f"{q['episodic']['val_loss']:.3f} ({q['val_loss_gap']:+.3f})")
+    con.print(o)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="fewer rounds (noisier figures)")
+    ap.add_argument("--json", action="store_true", help="one JSON document on stdout")
+    ap.add_argument("--run", help="trained run for imm recall / imm needle (default: train a quick one)")
+    ap.add_argument("--quality", action="store_true", help="also the full 2,000-iteration reference trainings (minutes)")
+    ap.add_argument("--no-experiments", action="store_true", help="skip timing imm recall and imm needle")
+    a = ap.parse_args()
+
+    data = str(DATA) if DATA.exists() else None
+    corpus = load_corpus(data)
+    rounds, steps, warmup = (5, 5, 5) if a.quick else (12, 10, 10)
+    doc: dict = {"data": "tinyshakespeare.txt" if data else "embedded corpus (tinyshakespeare.txt not found)",
+                 "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": a.quick,
+                 "reference": {**REFERENCE, **REFERENCE_TRAIN}}
+    log(f"training: {rounds} interleaved rounds x {steps} steps per contender")
+    tr = bench_training(corpus, rounds, steps, warmup)
+    doc["training"] = tr
+    doc["train_tokens_per_s"] = tr["tokens_per_s"]
+    doc["ms_per_iter"] = tr["ms_per_iter"]
+    doc["ms_per_iter_slots0"] = tr["ms_per_iter"]["slots0"]
+    doc["train_ratio"] = tr["tokens_per_s"]["episodic"] / tr["tokens_per_s"]["slots0"]
+    doc["train_ratio_linformer"] = tr["tokens_per_s"]["linformer"] / tr["tokens_per_s"]["slots0"]
+
+    log("matmul probe")
+    peak = matmul_flops(1.0 if a.quick else 3.0)
+    doc["matmul_flops"] = peak
+    doc["flops_per_token"] = {n: flops_per_token(replace(ModelConfig(**REFERENCE), memory=m), TrainConfig().effective_segments(m))
+                              for n, m in CONTENDERS.items()}
+    achieved = {n: doc["flops_per_token"][n]["train"] * tr["tokens_per_s"][n] for n in CONTENDERS}
+    doc["achieved_flops"] = achieved
+    doc["mfu_by_contender"] = {n: achieved[n] / peak for n in CONTENDERS}
+    doc["mfu"] = doc["mfu_by_contender"]["episodic"]
+
+    log("generation")
+    gen = bench_generation(corpus, 200, 3 if a.quick else 5)
+    doc["generation"] = gen
+    doc["gen_tokens_per_s"] = gen["tokens_per_s"]
+    doc["gen_cache_speedup"] = gen["cache_speedup"]["memory"]
+    doc["gen_cache_speedup_slots0"] = gen["cache_speedup"]["slots0"]
+
+    with tempfile.TemporaryDirectory(prefix="imm_bench_") as tmpd:
+        tmp = Path(tmpd)
+        log("peak RSS of a training process")
+        doc.update(peak_rss_training(data, 20 if a.quick else 50, tmp))
+        doc["recall_seconds"] = doc["needle_seconds"] = None
+        if not a.no_experiments:
+            run, how = trained_run(a.run, tmp, data, 300 if a.quick else 1000)
+            doc["experiments_run"] = how
+            log("imm recall and imm needle")
+            ex = bench_experiments(run, tmp)
+            doc["experiments"] = ex
+            doc["recall_seconds"] = ex["recall"]["seconds"]
+            doc["needle_seconds"] = ex["needle"]["seconds"]
+        if a.quality:
+            doc["quality"] = bench_quality(data, tmp)
+    render(doc)
+    if a.json:
+        sys.stdout.write(json.dumps(doc, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
