@@ -253,7 +253,7 @@ class GPT(nn.Module):
         return GPTOutput(logits=logits.view(b, S, n, -1), loss=per_segment.mean(), token_loss=token_loss, state=None)
 
     # --- generation ----------------------------------------------------------------------------
-    @torch.no_grad()
+    @torch.inference_mode()
     def generate(
         self,
         idx: Tensor,
