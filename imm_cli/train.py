@@ -143,6 +143,11 @@ def episode_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Te
     if core.episode_at_once(x.shape[1], x.shape[2]):
         out = model(x, y)
         return out.loss, list(out.token_loss.unbind(1))
+    return segment_loop_loss(model, x, y)
+
+
+def segment_loop_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """The reference path: segment by segment, the memory state carried (and written) between them."""
     state = model.init_state(x.shape[0], x.device)
     losses, token_losses = [], []
     for s in range(x.shape[1]):

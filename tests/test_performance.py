@@ -14,7 +14,7 @@ import torch
 
 from imm_cli.config import MemoryConfig, ModelConfig
 from imm_cli.model import GPT
-from imm_cli.train import episode_loss
+from imm_cli.train import episode_loss, segment_loop_loss
 
 
 def model_for(block: int = 32, seed: int = 0, bias: bool = False, **memory) -> GPT:
@@ -35,14 +35,7 @@ def episodes(b: int, segments: int, n: int, seed: int = 3, unknown: bool = False
 
 def sequential_loss(model: GPT, x: torch.Tensor, y: torch.Tensor):
     """The segment-by-segment loop of episode_loss (the reference the batched path must equal)."""
-    state = model.init_state(x.shape[0], x.device)
-    losses, token_losses = [], []
-    for s in range(x.shape[1]):
-        out = model(x[:, s], y[:, s], state=state, prev=x[:, s - 1] if s else None)
-        state = out.state
-        losses.append(out.loss)
-        token_losses.append(out.token_loss)
-    return torch.stack(losses).mean(), token_losses
+    return segment_loop_loss(model, x, y)
 
 
 def loss_and_grads(model: GPT, fn, x, y):
