@@ -89,6 +89,10 @@ class Dist:
 
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
+            try:  # wait for process 0's final save: tearing gloo down under a busy peer can abort
+                torch.distributed.barrier()
+            except RuntimeError:
+                pass  # a peer already failed; its error is the one to report
             torch.distributed.destroy_process_group()
 
 
