@@ -134,7 +134,9 @@ def memory_summary(model, cfg: dict) -> dict:
 
 # --- the experiment -------------------------------------------------------------------------------
 @dataclass
-class StoreResult:
+class SequenceRun:
+    """What store and usage share: where the sequences came from and which memory saw them."""
+
     run: str
     source: str
     sequences: int
@@ -142,6 +144,10 @@ class StoreResult:
     seed: int
     random_tokens: bool
     memory: dict  # kind, slots, layer, width, params, memory_params, memory_share
+
+
+@dataclass
+class StoreResult(SequenceRun):
     per_sequence: list[float]  # s_t
     per_sequence_std: list[float]  # spread of c_tj over the non-empty slots at t
     best_slot: list[float]  # best_t

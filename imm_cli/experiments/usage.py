@@ -27,18 +27,11 @@ import numpy as np
 import torch
 
 from imm_cli.experiments import metrics as M
-from imm_cli.experiments.store import load_memory_run, make_stream, memory_summary, pick, state_nonfinite, walk
+from imm_cli.experiments.store import SequenceRun, load_memory_run, make_stream, memory_summary, pick, state_nonfinite, walk
 
 
 @dataclass
-class UsageResult:
-    run: str
-    source: str
-    sequences: int
-    block_size: int
-    seed: int
-    random_tokens: bool
-    memory: dict
+class UsageResult(SequenceRun):
     usage: list[list[float]]  # sequences x slots, each defined row averages 1.0; null rows undefined
     slot_mean: list[float]  # per-slot mean usage over defined rows (the bars)
     slot_min: list[float]
