@@ -98,11 +98,17 @@ def store(
     from imm_cli.experiments.store import pattern_storage
     from imm_cli.plots.store_usage import plot_pattern_similarity
 
+    run_and_report(pattern_storage, run, out, STORE_JSON, ("pattern_similarity.png", plot_pattern_similarity), _table,
+                   json_out, sequences=sequences, random_tokens=random_tokens, seed=seed)
+
+
+def run_and_report(experiment, run: Path, out: Optional[Path], name: str, plot, show, json_out: bool, **kwargs) -> None:
+    """What store and usage do around their experiment: check --out, run, save JSON and plots, print."""
     out_dir = check_out(run, out)
-    r = pattern_storage(run, sequences=sequences, random_tokens=random_tokens, seed=seed)
+    r = experiment(run, **kwargs)
     doc = r.to_dict()
-    files = save_results(doc, STORE_JSON, out_dir, ("pattern_similarity.png", plot_pattern_similarity))
-    _table(r)
+    files = save_results(doc, name, out_dir, plot)
+    show(r)
     files_line(files)
     if json_out:
         print_json({**doc, "files": files})

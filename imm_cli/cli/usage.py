@@ -8,9 +8,8 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from imm_cli.cli.common import console, fmt, handle_errors, print_json
-from imm_cli.cli.store import (OUT_HELP, RANDOM_HELP, RUN_HELP, SEED_HELP, SEQ_HELP, USAGE_JSON, check_out, files_line,
-                               memory_rows, save_results)
+from imm_cli.cli.common import console, fmt, handle_errors
+from imm_cli.cli.store import OUT_HELP, RANDOM_HELP, RUN_HELP, SEED_HELP, SEQ_HELP, USAGE_JSON, memory_rows, run_and_report
 
 
 @handle_errors
@@ -26,14 +25,8 @@ def usage(
     from imm_cli.experiments.usage import slot_usage
     from imm_cli.plots.store_usage import plot_slot_usage
 
-    out_dir = check_out(run, out)
-    r = slot_usage(run, sequences=sequences, random_tokens=random_tokens, seed=seed)
-    doc = r.to_dict()
-    files = save_results(doc, USAGE_JSON, out_dir, ("slot_usage_heatmap.png", plot_slot_usage))
-    _tables(r)
-    files_line(files)
-    if json_out:
-        print_json({**doc, "files": files})
+    run_and_report(slot_usage, run, out, USAGE_JSON, ("slot_usage_heatmap.png", plot_slot_usage), _tables,
+                   json_out, sequences=sequences, random_tokens=random_tokens, seed=seed)
 
 
 def _slots(xs: list[int]) -> str:
