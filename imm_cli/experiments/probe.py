@@ -33,12 +33,6 @@ def repeat_state(state: State | None, times: int) -> State | None:
     return {k: v.repeat_interleave(times, dim=0) for k, v in state.items()}
 
 
-def select_state(state: State | None, index: torch.Tensor) -> State | None:
-    if state is None:
-        return None
-    return {k: v[index] for k, v in state.items()}
-
-
 @torch.no_grad()
 def write_text(model: GPT, state: State | None, ids: torch.Tensor, prev: torch.Tensor | None = None):
     """Present (b L) bytes once, segment by segment, memory updates on. Returns (state, last bytes).
