@@ -89,10 +89,3 @@ class Memory(nn.Module):
     def _record(self, **tensors: Tensor) -> None:
         if self.observe:
             self.observed.append({k: v.detach().float().cpu() for k, v in tensors.items()})
-
-
-def detach_state(state: State | None) -> State | None:
-    """Cut the graph between episodes (truncated backpropagation through time)."""
-    if state is None:
-        return None
-    return {k: v.detach() for k, v in state.items()}
