@@ -37,6 +37,7 @@ from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig  # noqa: E402
 from imm_cli.data import load_corpus  # noqa: E402
 from imm_cli.model import GPT  # noqa: E402
 from imm_cli.train import Batches, episode_loss, lr_at, make_optimizer  # noqa: E402
+from nanogpt_baseline import NanoGPTTrainer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
 FACTS = ROOT / "examples" / "facts.txt"
@@ -48,6 +49,7 @@ CONTENDERS = {
     "linformer": MemoryConfig(kind="linformer"),
 }
 NANOGPT_MS = 41.8  # nanoGPT on the reference configuration, 2-core CI machine (issue 6)
+REFERENCE_NANOGPT = dict(block=64, batch=12, layers=4, heads=4, d=128, lr=1e-3, iters=2000)
 
 
 T0 = time.perf_counter()
@@ -93,8 +95,9 @@ class Trainer:
         return self.tcfg.batch_size * self.mcfg.block_size
 
 
-def bench_training(corpus, rounds: int, steps: int, warmup: int) -> dict:
+def bench_training(corpus, rounds: int, steps: int, warmup: int, text: str, tmp: Path) -> dict:
     trainers = {name: Trainer(mem, corpus) for name, mem in CONTENDERS.items()}
+    trainers["nanogpt"] = NanoGPTTrainer(text, tmp, **{k: REFERENCE_NANOGPT[k] for k in REFERENCE_NANOGPT})
     for t in trainers.values():
         for _ in range(warmup):
             t.step()
@@ -107,10 +110,11 @@ def bench_training(corpus, rounds: int, steps: int, warmup: int) -> dict:
             per_round[name].append(statistics.median(times))
     ms = {name: 1000 * statistics.median(v) for name, v in per_round.items()}
     tps = {name: trainers[name].tokens_per_step / (ms[name] / 1000) for name in trainers}
-    params = {name: t.model.num_params()[0] for name, t in trainers.items()}
+    params = {name: sum(p.numel() for p in t.model.parameters()) for name, t in trainers.items()}
+    ours = {n: t for n, t in trainers.items() if n in CONTENDERS}
     return {"ms_per_iter": ms, "tokens_per_s": tps, "params": params,
-            "segments": {n: t.segments for n, t in trainers.items()},
-            "whole_episode_forward": {n: t.model.episode_at_once(t.segments, t.mcfg.block_size) for n, t in trainers.items()}}
+            "segments": {n: t.segments for n, t in ours.items()},
+            "whole_episode_forward": {n: t.model.episode_at_once(t.segments, t.mcfg.block_size) for n, t in ours.items()}}
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -121,8 +125,9 @@ def flops_per_token(mcfg: ModelConfig, segments: int) -> dict:
 
     forward = 2*N_mm + 2*2*L*T*d (attention scores and values over the T-byte window, as in PaLM's
     6N + 12*L*T*d estimate) + memory read/write; N_mm = L*12*d^2 + d*V (blocks and the tied head).
-    Episodic read (whole-episode path): scores over the episode's T*segments positions (2*dk each),
-    the byte mix into the 257 projected value rows (2*257*d) and the gate (2*d).
+    Episodic read (whole-episode path): each query scores the positions up to the end of its own
+    segment, (segments+1)/2 * T on average (2*dk each), mixes their dv-wide values (2*dv each), then
+    the output projection (2*dv*d) and the gate (2*d).
     Linformer: read q, out (2*2*d^2) and S-slot attention (2*2*S*d), write k, v (2*2*d^2) and
     S-slot pooling (2*2*S*d), the gate (2*d).
     """
@@ -132,7 +137,9 @@ def flops_per_token(mcfg: ModelConfig, segments: int) -> dict:
     mem = mcfg.memory
     mem_fwd = 0
     if mem.enabled and mem.kind == "episodic":
-        mem_fwd = 2 * mem.key_dim * T * segments + 2 * 257 * d + 2 * d
+        dv = mem.value_dim or d
+        seen = T * (segments + 1) / 2
+        mem_fwd = 2 * mem.key_dim * seen + 2 * dv * seen + 2 * dv * d + 2 * d
     elif mem.enabled:
         mem_fwd = 4 * d * d + 4 * mem.slots * d + 4 * d * d + 4 * mem.slots * d + 2 * d
     return {"train": 3 * (fwd + mem_fwd), "forward": fwd + mem_fwd, "matmul_params": n_mm,
@@ -283,6 +290,8 @@ def render(doc: dict) -> None:
         t.add_row(name + (" (default)" if name == "episodic" else ""), f"{tr['ms_per_iter'][name]:.1f}",
                   f"{tr['tokens_per_s'][name]:,.0f}", f"{tr['tokens_per_s'][name] / tr['tokens_per_s']['slots0']:.2f}",
                   f"{doc['flops_per_token'][name]['train'] / 1e6:.2f} M", f"{doc['mfu_by_contender'][name]:.2f}")
+    t.add_row("nanoGPT's step (benchmarks/nanogpt_baseline.py)", f"{tr['ms_per_iter']['nanogpt']:.1f}",
+              f"{tr['tokens_per_s']['nanogpt']:,.0f}", f"{tr['tokens_per_s']['nanogpt'] / tr['tokens_per_s']['slots0']:.2f}", "", "")
     con.print(t)
     g = Table(title=f"greedy generation, batch 1, {doc['generation']['new_bytes']} bytes (default model shape)")
     for col in ("model", "with cache tok/s", "without cache tok/s", "speedup"):
@@ -322,9 +331,13 @@ def main() -> None:
     doc: dict = {"data": "tinyshakespeare.txt" if data else "embedded corpus (tinyshakespeare.txt not found)",
                  "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": a.quick,
                  "reference": {**REFERENCE, **REFERENCE_TRAIN}}
-    log(f"training: {rounds} interleaved rounds x {steps} steps per contender")
-    tr = bench_training(corpus, rounds, steps, warmup)
+    log(f"training: {rounds} interleaved rounds x {steps} steps per contender (nanoGPT's step included)")
+    text = Path(data).read_text(encoding="utf-8") if data else bytes(corpus.train).decode("utf-8", errors="replace")
+    with tempfile.TemporaryDirectory(prefix="imm_bench_nanogpt_") as tmpd:
+        tr = bench_training(corpus, rounds, steps, warmup, text, Path(tmpd))
     doc["training"] = tr
+    doc["ms_per_iter_nanogpt"] = tr["ms_per_iter"]["nanogpt"]
+    doc["slots0_vs_nanogpt"] = tr["ms_per_iter"]["nanogpt"] / tr["ms_per_iter"]["slots0"]  # > 1: ours is faster
     doc["train_tokens_per_s"] = tr["tokens_per_s"]
     doc["ms_per_iter"] = tr["ms_per_iter"]
     doc["ms_per_iter_slots0"] = tr["ms_per_iter"]["slots0"]

@@ -33,6 +33,7 @@ class MemoryConfig:
     entries: int = 0  # episodic: entries a slot keeps from one written segment, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
     key_dim: int = 64  # episodic: width of keys and queries
+    value_dim: int = 0  # episodic: width of a stored byte's value before the output projection; 0 = n_embd (a byte needs few dims)
     local: bool = True  # episodic: positions also read the entries of earlier positions of their own segment
     decay: float = 0.9  # episodic: a slot's importance is multiplied by this at every later write (older fades)
     gate_bias: float = 1.0  # initial bias of the read gate: sigmoid(1.0) = 0.73, the gate starts open
@@ -55,7 +56,8 @@ class MemoryConfig:
         _require(self.norm in MEMORY_NORMS, f"--memory-norm must be one of {', '.join(MEMORY_NORMS)} (got {self.norm!r})")
         _require(0 <= self.entries <= 4096, f"--memory-entries must be between 0 (all) and 4096 (got {self.entries})")
         _require(1 <= self.key_bytes <= 64, f"--memory-key-bytes must be between 1 and 64 (got {self.key_bytes})")
-        _require(1 <= self.key_dim <= 4096, f"memory key_dim must be between 1 and 4096 (got {self.key_dim})")
+        _require(1 <= self.key_dim <= 4096, f"--memory-key-dim must be between 1 and 4096 (got {self.key_dim})")
+        _require(0 <= self.value_dim <= 4096, f"--memory-value-dim must be between 0 (n_embd) and 4096 (got {self.value_dim})")
         _require(0 < self.decay <= 1, f"--memory-decay must be in (0, 1] (got {self.decay})")
         return self
 
@@ -139,7 +141,9 @@ def to_dict(obj) -> dict:
 
 def model_config_from_dict(d: dict) -> ModelConfig:
     d = dict(d)
-    mem = MemoryConfig(**_known(MemoryConfig, d.pop("memory", {})))
+    mem_d = dict(d.pop("memory", {}))
+    mem_d.setdefault("value_dim", 0)  # configs written before value_dim existed had full-width values
+    mem = MemoryConfig(**_known(MemoryConfig, mem_d))
     return ModelConfig(**_known(ModelConfig, d), memory=mem).check()
 
 

@@ -90,7 +90,8 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "key_emb" not in n]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "key_emb" in n]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = device.type == "cuda"
+    # fused on CPU too: one kernel over all parameters, about 4x faster than foreach here (benchmarks/bench.py)
+    fused = device.type in ("cuda", "cpu")
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.99), fused=fused, foreach=None if fused else True)
 
 

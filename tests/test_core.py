@@ -127,6 +127,21 @@ def test_save_and_load_give_identical_logits(kind, tmp_path):
     assert not list(tmp_path.glob(runs.TMP_PREFIX + "*"))
 
 
+def test_run_saved_before_value_dim_loads_with_full_width_values(tmp_path):
+    """config.json files written before `value_dim` existed mean full-width (n_embd) values."""
+    model = tiny_model("episodic", slots=4, value_dim=0)
+    runs.save_weights(tmp_path, model, step=1)
+    runs.save_config(tmp_path, model.cfg, TrainConfig())
+    doc = json.loads((tmp_path / runs.CONFIG).read_text())
+    del doc["model"]["memory"]["value_dim"]
+    (tmp_path / runs.CONFIG).write_text(json.dumps(doc))
+    loaded, _ = runs.load_run(tmp_path)
+    assert loaded.cfg.memory.value_dim == 0
+    assert loaded.memory.value_emb.weight.shape == (257, loaded.cfg.n_embd)
+    x, y = batch()
+    assert torch.equal(model(x, y).logits, loaded(x, y).logits)
+
+
 # --- generation ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_generation_equals_uncached(kind):

@@ -48,9 +48,9 @@ def loss_and_grads(model: GPT, fn, x, y):
 
 @pytest.mark.parametrize("local", [True, False])
 @pytest.mark.parametrize("ablated", [False, True])
-@pytest.mark.parametrize("unknown, bias", [(False, False), (True, False), (False, True)])
-def test_whole_episode_forward_equals_sequential_loop(local, ablated, unknown, bias):
-    model = model_for(slots=4, key_bytes=8, key_dim=16, local=local, bias=bias)
+@pytest.mark.parametrize("unknown, bias, value_dim", [(False, False, 8), (True, False, 8), (False, True, 8), (True, True, 0)])
+def test_whole_episode_forward_equals_sequential_loop(local, ablated, unknown, bias, value_dim):
+    model = model_for(slots=4, key_bytes=8, key_dim=16, local=local, bias=bias, value_dim=value_dim)
     with torch.no_grad():  # sharper keys than at initialisation: reads matter, gradients are not tiny
         model.memory.log_scale.fill_(3.0)
     x, y = episodes(b=3, segments=4, n=32, unknown=unknown)
@@ -66,6 +66,21 @@ def test_whole_episode_forward_equals_sequential_loop(local, ablated, unknown, b
         assert ref_grads["blocks.1.memory.key_emb"].abs().sum() > 0
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_ngram_key_gradient_equals_embedding_bag():
+    """The n-gram keys' hand-written backward (one index_add_) gives embedding_bag's gradient."""
+    from imm_cli.memory.episodic import _NGramBag
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(4 * 257, 8, generator=g, dtype=torch.float64, requires_grad=True)
+    idx = torch.randint(0, 257, (50, 4), generator=g) + torch.arange(4) * 257
+    idx[3] = idx[7]  # repeated rows and repeated indices accumulate
+    assert torch.autograd.gradcheck(lambda t: _NGramBag.apply(t, idx), (table,))
+    out = torch.randn(50, 8, generator=g, dtype=torch.float64)
+    ref = torch.autograd.grad(torch.nn.functional.embedding_bag(idx, table, mode="sum"), table, out)[0]
+    ours = torch.autograd.grad(_NGramBag.apply(table, idx), table, out)[0]
+    torch.testing.assert_close(ours, ref)
 
 
 def test_whole_episode_reads_what_was_written():

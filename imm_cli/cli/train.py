@@ -59,6 +59,8 @@ def train(
     memory_temp: Optional[float] = typer.Option(None, help="Read temperature of the cosine attention [default: 0.8 linformer, 0.05 episodic (learned from there)]."),
     memory_entries: int = typer.Option(MM.entries, help="Episodic memory: entries kept per slot from one segment, most surprising first; 0 = every position."),
     memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),
+    memory_key_dim: int = typer.Option(MM.key_dim, help="Episodic memory: width of keys and queries."),
+    memory_value_dim: int = typer.Option(MM.value_dim, help="Episodic memory: width of a stored byte's value before the output projection; 0 = --embd."),
     segments: int = typer.Option(D.segments, help="Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with]."),
     curriculum: float = typer.Option(D.curriculum, help="Share of episodes that are synthetic-fact recall episodes (memory models only)."),
     grad_clip: float = typer.Option(D.grad_clip, help="Clip the gradient norm to this; 0 = off."),
@@ -84,7 +86,8 @@ def train(
             block_size=block_size, n_layer=layers, n_head=heads, n_embd=embd,
             # the memory sits in the second-to-last block; a one-block model hosts it in its only block
             memory=MemoryConfig(kind=memory.value, slots=slots, layer=max(MM.layer, -layers), temp=memory_temp, lr=memory_lr, norm=memory_norm.value,
-                                entries=memory_entries, key_bytes=memory_key_bytes),
+                                entries=memory_entries, key_bytes=memory_key_bytes,
+                                key_dim=memory_key_dim, value_dim=memory_value_dim),
         ).check()
         train_cfg = TrainConfig(
             iters=iters, batch_size=batch_size, segments=segments, lr=lr, curriculum=curriculum, grad_clip=grad_clip,
@@ -138,6 +141,7 @@ def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, 
         "batch_size": saved_train.batch_size, "lr": saved_train.lr, "memory_lr": saved_model.memory.lr,
         "memory_norm": saved_model.memory.norm, "memory_temp": saved_model.memory.temp,
         "memory_entries": saved_model.memory.entries, "memory_key_bytes": saved_model.memory.key_bytes,
+        "memory_key_dim": saved_model.memory.key_dim, "memory_value_dim": saved_model.memory.value_dim,
         "segments": saved_train.segments, "curriculum": saved_train.curriculum, "grad_clip": saved_train.grad_clip,
         "seed": saved_train.seed, "data": saved_train.data,
     }

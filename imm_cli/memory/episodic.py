@@ -42,8 +42,9 @@ class EpisodicMemory(Memory):
         # recent bytes start with larger weight so a near-miss context scores below an exact one
         scale = torch.tensor([1.0 / math.sqrt(1 + t) for t in range(K)])
         self.key_emb = nn.Parameter(torch.randn(K, PAD + 1, dk) * scale[:, None, None])
-        self.value_emb = nn.Embedding(PAD + 1, n_embd)  # content of a stored next byte
-        self.out = nn.Linear(n_embd, n_embd, bias=bias)
+        dv = cfg.value_dim or n_embd
+        self.value_emb = nn.Embedding(PAD + 1, dv)  # content of a stored next byte
+        self.out = nn.Linear(dv, n_embd, bias=bias)
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.read_temp)))  # learned 1/temperature
         self.null_cos = nn.Parameter(torch.tensor(0.6))  # below this cosine a stored entry loses to "nothing"
         self.gate = nn.Linear(n_embd, 1)
@@ -62,7 +63,7 @@ class EpisodicMemory(Memory):
         windows = stream.unfold(1, K, 1).flip(-1)  # (b n K): offset 0 = the current byte
         offsets = torch.arange(K, device=stream.device) * (PAD + 1)  # row of (offset, byte) in the flat table
         # sum over the K offsets of key_emb[offset, byte], as one embedding bag (no (b n K dk) tensor)
-        emb = F.embedding_bag((windows + offsets).reshape(b * n, K), self.key_emb.reshape(K * (PAD + 1), -1), mode="sum")
+        emb = _NGramBag.apply(self.key_emb.reshape(K * (PAD + 1), -1), (windows + offsets).reshape(b * n, K))
         return F.normalize(emb.view(b, n, -1), dim=-1)
 
     # --- interface -----------------------------------------------------------------------------
@@ -131,40 +132,48 @@ class EpisodicMemory(Memory):
     def read_episode(self, h: Tensor, seg: Segment) -> Tensor:
         """`read` of every segment of fresh episodes; h, seg.ids, seg.targets are (b*S n ...), S = seg.episode.
 
-        One (L x L) attention per episode (L = S*n): query t in segment s reads position p of an earlier
-        segment as a stored entry (p's n-gram -> its target, if known) and p < t of its own segment as a
-        local entry (-> the byte after p in the segment), plus the "nothing matches" option; the same
+        One (L x L+1) attention per episode (L = S*n): query t in segment s reads position p of an
+        earlier segment as a stored entry (p's n-gram -> its target, if known), p < t of its own segment
+        as a local entry (-> the byte after p), and the "nothing matches" option (column L); the same
         set of scores the sequential path gives (only their order, hence float rounding, differs).
+        Since targets are the next bytes (or -1, unknown), the byte an entry carries depends on p alone:
+        the next byte of the stream inside a segment, the target at a segment's last position. So the
+        read is one matmul of the attention with those bytes' values, projected once afterwards.
+        Segment s only ever sees positions before (s+1)*n, so each segment's queries are scored against
+        that prefix alone (a loop over the few segments, not over positions).
         """
         S = seg.episode
         bs, n = seg.ids.shape
         b, L = bs // S, S * n
         stream = seg.ids.reshape(b, L)
+        targets = seg.targets.reshape(b, L)
         kw = self._ngram(stream, stream[:, :0])  # (b L k): each segment's prev is the previous segment
         scale = self.log_scale.exp()
-        scores = torch.bmm(kw, kw.transpose(1, 2)) * scale  # (b t p)
-        seg_of = torch.arange(L, device=stream.device) // n
-        pos = torch.arange(L, device=stream.device)
-        earlier = seg_of[None, :] < seg_of[:, None]  # (t p): p in an earlier segment: a stored entry
-        local = (seg_of[None, :] == seg_of[:, None]) & (pos[None, :] < pos[:, None])  # p < t, same segment
+        # "nothing matches" as key 0, with an extra dimension holding null_cos for queries, 1 for the
+        # null key and 0 for entries: one bmm gives every score, no (b t p) concatenation or rescale
+        q = torch.cat([kw, self.null_cos.expand(b, L, 1)], dim=-1) * scale  # (b L k+1)
+        null_key = F.pad(kw.new_ones(b, 1, 1), (kw.shape[-1], 0))
+        keys = torch.cat([null_key, F.pad(kw, (0, 1))], dim=1)  # (b 1+L k+1)
+
+        last = torch.arange(L, device=stream.device) % n == n - 1
+        nxt = F.pad(stream[:, 1:], (0, 1), value=PAD)
+        byte = torch.where(last, targets.masked_fill(targets < 0, PAD), nxt)  # (b L): what entry p carries
+        values = self.value_emb.weight  # (257 dv); the output projection follows the mix, at dv not n_embd
+        entry_values = torch.cat([values.new_zeros(b, 1, values.shape[1]), F.embedding(byte, values)], dim=1)
+
+        known = targets >= 0
+        local = torch.ones(n, n, dtype=torch.bool, device=stream.device).tril(-1)  # p < t, same segment
         if not self.cfg.local:
             local = torch.zeros_like(local)
-        targets = seg.targets.reshape(b, L)
-        allowed = (earlier[None] & (targets >= 0)[:, None, :]) | local[None]  # (b t p)
-        null = (scale * self.null_cos).expand(b, L, 1)
-        scores = torch.cat([scores.masked_fill(~allowed, -math.inf), null], dim=-1)
-        attn = torch.softmax(scores, dim=-1)[..., :-1]  # "nothing" dropped
-        # the byte each entry carries: a stored entry its target, a local one the next byte of its
-        # segment (the diagonal blocks t, p in the same segment); summed per byte id as in lookup()
-        byte = targets.masked_fill(targets < 0, PAD)[:, None, :].expand(b, L, L).clone()
-        nxt = F.pad(seg.ids[:, 1:], (0, 1), value=PAD).view(b, S, n)
-        byte.view(b, S, n, S, n).diagonal(dim1=1, dim2=3).copy_(nxt.transpose(1, 2)[:, None])
-        per_byte = attn.new_zeros(b, L, PAD + 1).scatter_add_(2, byte, attn)
-        # out(per_byte @ V) with the projection applied to the 257 value rows once, not to every position
-        values = self.value_emb.weight @ self.out.weight.t()
-        read = per_byte @ values
-        if self.out.bias is not None:
-            read = read + self.out.bias
+        reads = []
+        for s in range(S):  # segment s sees "nothing" and positions 0..(s+1)n-1 only: skip the masked rest
+            lo, hi = s * n, (s + 1) * n
+            scores = torch.bmm(q[:, lo:hi], keys[:, : hi + 1].transpose(1, 2))  # (b t p), p = 0 is "nothing"
+            allowed = torch.cat([known.new_ones(b, n, 1), known[:, None, :lo].expand(b, n, lo),
+                                 local.expand(b, n, n)], dim=-1)
+            attn = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1)
+            reads.append(torch.bmm(attn, entry_values[:, : hi + 1]))  # "nothing" carries zeros
+        read = self.out(torch.cat(reads, dim=1))  # (b L dv) -> (b L d)
         gate = torch.sigmoid(self.gate(h))
         return gate * read.reshape(bs, n, -1)
 
@@ -204,3 +213,24 @@ class EpisodicMemory(Memory):
         values = self.value_emb(state["bytes"])
         mean = (values * valid).sum(2) / valid.sum(2).clamp(min=1)
         return self.out(mean)
+
+
+class _NGramBag(torch.autograd.Function):
+    """F.embedding_bag(idx, table, mode="sum") whose backward is one index_add_.
+
+    The built-in backward sorts the (b*n*K) indices first; with every row of the small key table
+    touched anyway, scattering the gradient rows straight into a dense table is several times faster.
+    """
+
+    @staticmethod
+    def forward(ctx, table: Tensor, idx: Tensor) -> Tensor:
+        ctx.save_for_backward(idx)
+        ctx.rows = table.shape[0]
+        return F.embedding_bag(idx, table, mode="sum")
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (idx,) = ctx.saved_tensors
+        out = grad.new_zeros(ctx.rows, grad.shape[1])
+        out.index_add_(0, idx.reshape(-1), grad.repeat_interleave(idx.shape[1], dim=0))
+        return out, None
