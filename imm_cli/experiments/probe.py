@@ -132,7 +132,7 @@ def recall_at_1(model: GPT, state: State | None, prompts: torch.Tensor, rests: l
     caches = [KVCache() for _ in model.blocks]
     last = model(prompts, state=state, caches=caches, write=False).logits[:, -1]  # predicts rest byte 0
     for c in caches:
-        c.k, c.v = c.k.repeat_interleave(N, dim=0), c.v.repeat_interleave(N, dim=0)
+        c.repeat_interleave(N)
     rest_ids = torch.zeros((N, R), dtype=torch.long, device=prompts.device)
     lengths = torch.tensor([len(r) for r in rests], device=prompts.device)
     for j, r in enumerate(rests):

@@ -12,6 +12,7 @@ carried by the caller from segment to segment. Three switches serve the experime
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +32,7 @@ class Segment:
     window: Tensor | None = None  # (b w) incremental generation: the whole window so far, ending with ids
     window_prev: Tensor | None = None  # (b p) bytes before the window
     episode: int = 0  # whole-episode forward: ids/targets are (b*episode n), the episode's segments in order
+    cache: Any = None  # incremental generation: the memory layer's KVCache (memory_keys: the window's keys so far)
 
 
 class Memory(nn.Module):

@@ -85,7 +85,13 @@ class EpisodicMemory(Memory):
         n = seg.ids.shape[1]
         window, window_prev = (seg.ids, seg.prev) if seg.window is None else (seg.window, seg.window_prev)
         b, w = window.shape
-        kw = self._ngram(window, window_prev)  # (b w k): the context ending at each window position
+        if seg.cache is not None:  # incremental: the earlier window positions' keys are cached
+            new = self._ngram(seg.ids, seg.prev)
+            cached = seg.cache.memory_keys
+            kw = new if cached is None or w == n else torch.cat([cached, new], dim=1)
+            seg.cache.memory_keys = kw
+        else:
+            kw = self._ngram(window, window_prev)  # (b w k): the context ending at each window position
         q = kw[:, w - n :]
         scale = self.log_scale.exp()
         keys = rearrange(state["keys"], "b s e k -> b (s e) k")
