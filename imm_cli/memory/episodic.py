@@ -25,7 +25,7 @@ import math
 
 import torch
 import torch.nn.functional as F
-from einops import einsum, rearrange
+from einops import rearrange
 from torch import Tensor, nn
 
 from imm_cli.config import MemoryConfig
@@ -58,12 +58,18 @@ class EpisodicMemory(Memory):
         K = self.cfg.key_bytes
         b, n = ids.shape
         prev = prev[:, -(K - 1):] if K > 1 else prev[:, :0]
-        pad = torch.full((b, K - 1 - prev.shape[1]), PAD, dtype=ids.dtype, device=ids.device)
-        stream = torch.cat([pad, prev, ids], dim=1)  # (b, n + K - 1)
+        parts = [prev, ids]
+        if prev.shape[1] < K - 1:  # the stream's start: pad the missing context
+            parts.insert(0, torch.full((b, K - 1 - prev.shape[1]), PAD, dtype=ids.dtype, device=ids.device))
+        stream = torch.cat(parts, dim=1)  # (b, n + K - 1)
         windows = stream.unfold(1, K, 1).flip(-1)  # (b n K): offset 0 = the current byte
         offsets = torch.arange(K, device=stream.device) * (PAD + 1)  # row of (offset, byte) in the flat table
         # sum over the K offsets of key_emb[offset, byte], as one embedding bag (no (b n K dk) tensor)
-        emb = _NGramBag.apply(self.key_emb.reshape(K * (PAD + 1), -1), (windows + offsets).reshape(b * n, K))
+        table, idx = self.key_emb.reshape(K * (PAD + 1), -1), (windows + offsets).reshape(b * n, K)
+        if torch.is_grad_enabled() and table.requires_grad:
+            emb = _NGramBag.apply(table, idx)
+        else:  # generation: no autograd.Function overhead per byte
+            emb = F.embedding_bag(idx, table, mode="sum")
         return F.normalize(emb.view(b, n, -1), dim=-1)
 
     # --- interface -----------------------------------------------------------------------------
@@ -79,7 +85,8 @@ class EpisodicMemory(Memory):
     def lookup(self, seg: Segment, state: State) -> tuple[Tensor, Tensor]:
         """Attention of each position over the stored entries (and its own segment's, with `local`).
 
-        Returns (per_byte (b n 257): attention mass summed per stored next-byte id, attn (b n m+w)).
+        Returns (per_byte (b n 257): attention mass summed per stored next-byte id, attn (b n m+w-1)
+        over the m stored entries then, with `local`, the window's positions but its last).
         The "nothing matches" share is what is missing from 1 in per_byte's sum.
         """
         n = seg.ids.shape[1]
@@ -92,19 +99,23 @@ class EpisodicMemory(Memory):
             seg.cache.memory_keys = kw
         else:
             kw = self._ngram(window, window_prev)  # (b w k): the context ending at each window position
-        q = kw[:, w - n :]
         scale = self.log_scale.exp()
-        keys = rearrange(state["keys"], "b s e k -> b (s e) k")
-        valid = rearrange(state["valid"], "b s e -> b 1 (s e)")
-        scores = [(einsum(q, keys, "b n k, b m k -> b n m") * scale).masked_fill(~valid, -math.inf)]
-        ids = [rearrange(state["bytes"], "b s e -> b (s e)")]
-        if self.cfg.local:
+        q = kw[:, w - n :] * scale  # (b n k)
+        keys = state["keys"].flatten(1, 2)  # (b m k), m = slots x entries
+        valid = state["valid"].flatten(1)[:, None, :]  # (b 1 m)
+        scores = [torch.bmm(q, keys.transpose(1, 2)).masked_fill(~valid, -math.inf)]
+        ids = [state["bytes"].flatten(1)]
+        if self.cfg.local and w > 1:
             # this segment's own entries: position j's context -> byte j+1, readable once j+1 <= i
-            seen = torch.ones(n, w, dtype=torch.bool, device=window.device).tril(w - n - 1)
-            scores.append((einsum(q, kw, "b i k, b j k -> b i j") * scale).masked_fill(~seen, -math.inf))
-            ids.append(F.pad(window[:, 1:], (0, 1), value=PAD))
+            # (the window's last position is nobody's entry yet, so it is left out)
+            local = torch.bmm(q, kw[:, : w - 1].transpose(1, 2))  # (b n w-1)
+            if n > 1:
+                seen = torch.ones(n, w - 1, dtype=torch.bool, device=window.device).tril(w - n - 1)
+                local = local.masked_fill(~seen, -math.inf)
+            scores.append(local)
+            ids.append(window[:, 1:])
         scores.append((scale * self.null_cos).expand(b, n, 1))
-        attn = torch.softmax(torch.cat(scores, dim=-1), dim=-1)[..., :-1]  # (b n m+w), "nothing" dropped
+        attn = torch.softmax(torch.cat(scores, dim=-1), dim=-1)[..., :-1]  # (b n m+w-1), "nothing" dropped
         # values depend only on the stored byte: sum attention per byte id, then one small matmul
         per_byte = torch.zeros(b, n, PAD + 1, device=attn.device, dtype=attn.dtype)
         per_byte.scatter_add_(2, torch.cat(ids, dim=1)[:, None, :].expand(b, n, -1), attn)
