@@ -163,6 +163,8 @@ CASES: list[Case] = [
     Case("train:iters-0", lambda c: train(c, "--iters", "0")),
     Case("train:memory-temp-0", lambda c: train(c, "--memory-temp", "0")),
     Case("train:memory-lr-2", lambda c: train(c, "--memory-lr", "2")),
+    Case("train:memory-key-dim-0", lambda c: train(c, "--memory-key-dim", "0")),
+    Case("train:memory-value-dim-negative", lambda c: train(c, "--memory-value-dim", "-1")),
     Case("train:heads-not-dividing-embd", lambda c: train(c, "--heads", "3", "--embd", "32")),
     Case("train:lr-0", lambda c: train(c, "--lr", "0")),
     Case("train:curriculum-1.5", lambda c: train(c, "--curriculum", "1.5")),
@@ -183,6 +185,7 @@ CASES: list[Case] = [
     Case("train:resume-disagreeing-slots", lambda c: resume(c.run(), "--slots", "4")),
     Case("train:resume-disagreeing-memory", lambda c: resume(c.run(), "--memory", "linformer")),
     Case("train:resume-disagreeing-block", lambda c: resume(c.run(), "--block-size", "64")),
+    Case("train:resume-disagreeing-value-dim", lambda c: resume(c.run(), "--memory-value-dim", "8")),
     Case("train:resume-other-out", lambda c: resume(c.run(), "--out", str(c.tmp / "elsewhere"))),
     Case("train:resume-nothing-left", lambda c: ["train", "--resume", str(c.run()), "--iters", "2"]),
     # --- train --resume: damaged files

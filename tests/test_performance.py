@@ -167,3 +167,16 @@ def test_cached_continuation_equals_full_forward(local):
     assert caches[0].k.data_ptr() == buffer and caches[0].t == 40 and caches[0].k.shape[2] == 64
     mem_cache = caches[model.cfg.memory_layer]
     torch.testing.assert_close(mem_cache.memory_keys, model.memory.context_keys(Segment(seq, seq[:, :0], seq)))
+
+
+def test_kv_cache_grows_past_its_buffer():
+    """Callers re-prime before the block is full; if one does not, the cache grows instead of failing."""
+    from imm_cli.model import KVCache
+
+    cache = KVCache()
+    a, b = torch.randn(1, 2, 3, 4), torch.randn(1, 2, 2, 4)
+    cache.append(a, a, size=4)
+    k, v = cache.append(b, -b, size=4)
+    assert cache.t == 5 and k.shape == (1, 2, 5, 4)
+    torch.testing.assert_close(k, torch.cat([a, b], dim=2))
+    torch.testing.assert_close(v, torch.cat([a, -b], dim=2))
