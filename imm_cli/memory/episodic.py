@@ -149,15 +149,14 @@ class EpisodicMemory(Memory):
     def read_episode(self, h: Tensor, seg: Segment) -> Tensor:
         """`read` of every segment of fresh episodes; h, seg.ids, seg.targets are (b*S n ...), S = seg.episode.
 
-        One (L x L+1) attention per episode (L = S*n): query t in segment s reads position p of an
-        earlier segment as a stored entry (p's n-gram -> its target, if known), p < t of its own segment
-        as a local entry (-> the byte after p), and the "nothing matches" option (column L); the same
-        set of scores the sequential path gives (only their order, hence float rounding, differs).
-        Since targets are the next bytes (or -1, unknown), the byte an entry carries depends on p alone:
-        the next byte of the stream inside a segment, the target at a segment's last position. So the
-        read is one matmul of the attention with those bytes' values, projected once afterwards.
-        Segment s only ever sees positions before (s+1)*n, so each segment's queries are scored against
-        that prefix alone (a loop over the few segments, not over positions).
+        Query t in segment s reads position p of an earlier segment as a stored entry (p's n-gram ->
+        its target, if known), p < t of its own segment as a local entry (-> the byte after p), and the
+        "nothing matches" option (key 0); the same set of scores the sequential path gives (only their
+        order, hence float rounding, differs). Since targets are the next bytes (or -1, unknown), the
+        byte an entry carries depends on p alone: the next byte of the stream inside a segment, the
+        target at a segment's last position. So the read is a matmul of the attention with those
+        bytes' values. Segment s only ever sees positions before (s+1)*n, so its queries are scored
+        against that prefix alone (a loop over the few segments, not over positions).
         """
         S = seg.episode
         bs, n = seg.ids.shape
