@@ -6,7 +6,8 @@ Training contenders (--slots 0, the default episodic memory, --memory linformer)
 training step of imm_cli.train (Batches, episode_loss, AdamW step, gradient clipping, one
 host sync per step) on nanoGPT's CPU reference configuration (4 layers, 4 heads, 128 wide,
 block 64, batch 12, lr 1e-3), interleaved round by round so machine noise hits all alike; figures
-are medians over rounds. Also: greedy generation at batch 1 with and without the KV cache,
+are medians over rounds. nanoGPT's own step (benchmarks/nanogpt_baseline.py) runs in the same
+rounds, so "--slots 0 vs nanoGPT" is measured side by side, not against a published figure. Also: greedy generation at batch 1 with and without the KV cache,
 the wall time of `imm recall` and `imm needle` (defaults, examples/facts.txt), model FLOPs per
 token and utilisation against a torch.matmul probe, and the peak RSS of a training process.
 `--quality` adds the full 2,000-iteration reference training of --slots 0 and of the default
