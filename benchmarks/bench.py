@@ -7,9 +7,10 @@ training step of imm_cli.train (Batches, episode_loss, AdamW step, gradient clip
 host sync per step) on nanoGPT's CPU reference configuration (4 layers, 4 heads, 128 wide,
 block 64, batch 12, lr 1e-3), interleaved round by round so machine noise hits all alike; figures
 are medians over rounds. nanoGPT's own step (benchmarks/nanogpt_baseline.py) runs in the same
-rounds, so "--slots 0 vs nanoGPT" is measured side by side, not against a published figure. Also: greedy generation at batch 1 with and without the KV cache,
-the wall time of `imm recall` and `imm needle` (defaults, examples/facts.txt), model FLOPs per
-token and utilisation against a torch.matmul probe, and the peak RSS of a training process.
+rounds, so "--slots 0 vs nanoGPT" is measured side by side, not against a published figure.
+Also: greedy generation at batch 1 with and without the KV cache, the wall time of `imm recall`
+and `imm needle` (defaults, examples/facts.txt), model FLOPs per token and utilisation against a
+torch.matmul probe, and the peak RSS of a training process.
 `--quality` adds the full 2,000-iteration reference training of --slots 0 and of the default
 memory and their validation losses (minutes).
 
@@ -98,7 +99,7 @@ class Trainer:
 
 def bench_training(corpus, rounds: int, steps: int, warmup: int, text: str, tmp: Path) -> dict:
     trainers = {name: Trainer(mem, corpus) for name, mem in CONTENDERS.items()}
-    trainers["nanogpt"] = NanoGPTTrainer(text, tmp, **{k: REFERENCE_NANOGPT[k] for k in REFERENCE_NANOGPT})
+    trainers["nanogpt"] = NanoGPTTrainer(text, tmp, **REFERENCE_NANOGPT)
     for t in trainers.values():
         for _ in range(warmup):
             t.step()
