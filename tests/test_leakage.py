@@ -24,7 +24,10 @@ from imm_cli.facts import load_facts
 
 EXAMPLES_DIR = Path(__file__).resolve().parent.parent / "examples"
 EXAMPLES = EXAMPLES_DIR / "facts.txt"
-TINY = Path("/work/shared/data/tinyshakespeare.txt")
+# tiny Shakespeare sits in shared/data/ beside the repository (../shared from its root), or inside it
+REPO = Path(__file__).resolve().parents[1]
+TINY_CANDIDATES = [REPO.parent / "shared" / "data" / "tinyshakespeare.txt", REPO / "shared" / "data" / "tinyshakespeare.txt"]
+TINY = next((p for p in TINY_CANDIDATES if p.is_file()), TINY_CANDIDATES[0])
 
 
 @pytest.fixture(scope="module", params=["facts.txt", "heldout_facts.txt"])
@@ -44,7 +47,7 @@ def test_eval_cues_not_in_embedded_corpus(eval_facts):
         assert f.text not in text
 
 
-@pytest.mark.skipif(not TINY.exists(), reason="tinyshakespeare not available")
+@pytest.mark.skipif(not TINY.is_file(), reason=f"tiny Shakespeare is absent (looked for {TINY_CANDIDATES[0]} and {TINY_CANDIDATES[1]})")
 def test_eval_cues_not_in_tinyshakespeare(eval_facts):
     text = TINY.read_text(encoding="utf-8")
     for f in eval_facts:
