@@ -10,6 +10,7 @@ import typer
 from imm_cli.cli import store as store_cmd
 from imm_cli.cli import needle as needle_cmd
 from imm_cli.cli import recall as recall_cmd
+from imm_cli.cli import report as report_cmd
 from imm_cli.cli import train as train_cmd
 from imm_cli.cli import usage as usage_cmd
 
@@ -38,6 +39,7 @@ app.command("usage")(usage_cmd.usage)
 app.command("recall")(recall_cmd.recall)
 app.command("needle")(needle_cmd.needle)
 app.command("sweep")(__import__("imm_cli.cli.sweep", fromlist=["sweep"]).sweep)
+app.command("report")(report_cmd.report)
 
 
 def main(argv: list[str] | None = None) -> int:
