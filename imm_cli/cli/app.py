@@ -7,6 +7,7 @@ import sys
 
 import typer
 
+from imm_cli.cli import compare as compare_cmd
 from imm_cli.cli import store as store_cmd
 from imm_cli.cli import needle as needle_cmd
 from imm_cli.cli import recall as recall_cmd
@@ -38,6 +39,7 @@ app.command("store")(store_cmd.store)
 app.command("usage")(usage_cmd.usage)
 app.command("recall")(recall_cmd.recall)
 app.command("needle")(needle_cmd.needle)
+app.command("compare")(compare_cmd.compare)
 app.command("sweep")(__import__("imm_cli.cli.sweep", fromlist=["sweep"]).sweep)
 app.command("report")(report_cmd.report)
 

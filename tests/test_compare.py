@@ -1,0 +1,187 @@
+"""`imm compare` end to end through the real CLI (in-process main()) on tiny trained runs: the figures it
+reports are those of the runs' JSON files, missing experiments are run (or shown as not run), a run
+without memory shows no memory figures, and bad input is one line with exit code 2."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, snapshot, tiny_configs
+
+PNG = b"\x89PNG\r\n\x1a\n"
+CONDS = ("memory", "fresh", "other_facts", "in_context")
+
+
+def _cond(em: float, r1: float) -> dict:
+    return {"exact_match": em, "exact_match_std": 0.0, "char_accuracy": 0.5, "char_accuracy_std": 0.0,
+            "loss_per_byte": 1.5, "loss_per_byte_std": 0.0, "recall_at_1": r1, "recall_at_1_std": 0.0}
+
+
+# a needle.json as `imm needle` writes it, with the measurements being added (placements, distance,
+# document) in two shapes a curve may take: conditions as lists, or under "conditions" as dicts
+NEEDLE = {
+    "run": "x", "facts_file": "examples/facts.txt",
+    "settings": {"length": 512, "depth": 0.5, "trials": 3, "facts": 16},
+    "model": {"memory": "episodic", "slots": 8, "block_size": 32},
+    "conditions": {"memory": _cond(0.75, 1.0), "fresh": _cond(0.0, 0.0625), "other_facts": _cond(0.0625, 0.0),
+                   "in_context": _cond(1.0, 1.0)},
+    "facts": [], "per_trial": [], "verdict": "the memory recalls",
+    "capacity": {"n_facts": [1, 2, 4], "exact_match": [0.75, 0.5, 0.25], "char_accuracy": [0.9, 0.8, 0.6], "memories": [16, 8, 4]},
+    "placements": {"line": {"memory": _cond(0.75, 1.0), "fresh": _cond(0.0, 0.0)},
+                   "prose": {"conditions": {"memory": _cond(0.5, 0.875), "fresh": _cond(0.0, 0.125)}}},
+    "distance": {"distance": [512, 4096, 16384], "memory": [0.9, 0.5, 0.125], "fresh": [0.0, 0.0, 0.0]},
+    "document": {"n_facts": [4, 16, 64], "memory_size": 4096,
+                 "conditions": {"memory": {"exact_match": [1.0, 0.75, 0.5]}, "other_facts": {"exact_match": [0.0, 0.0625, 0.0]}}},
+}
+
+
+@pytest.fixture(scope="module")
+def s0_run(tmp_path_factory) -> Path:
+    """A tiny run without memory (--slots 0), trained 2 steps."""
+    from imm_cli.train import train
+
+    out = tmp_path_factory.mktemp("compare") / "s0"
+    train(*tiny_configs(slots=0), out)
+    return out
+
+
+@pytest.fixture
+def ep_run(tiny_run, tmp_path) -> Path:
+    """A private copy of the tiny episodic run with a needle.json written after its weights."""
+    dst = tmp_path / "ep"
+    shutil.copytree(tiny_run, dst)
+    (dst / "needle.json").write_text(json.dumps(NEEDLE))
+    return dst
+
+
+def _doc(imm, *args) -> dict:
+    r = imm("compare", *args, "--json")
+    assert r.code == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def _read(run: Path, name: str) -> dict:
+    return json.loads((run / name).read_text())
+
+
+def test_figures_are_those_of_the_runs_files(imm, ep_run, s0_run, tmp_path):
+    out = tmp_path / "cmp"
+    untouched = snapshot(s0_run)
+    doc = _doc(imm, str(ep_run), str(s0_run), "--no-speed", "--out", str(out))
+    ep, s0 = doc["runs"]
+    assert [ep["name"], s0["name"]] == ["ep", "s0"]
+    # training figures: config.json's summary
+    for run, fig in ((ep_run, ep), (s0_run, s0)):
+        summary = _read(run, "config.json")["summary"]
+        for k in ("params", "memory_params", "memory_share", "val_loss", "val_loss_ablated", "step"):
+            assert fig["train"][k] == summary[k], k
+    # store and usage were missing: run with defaults, their JSON written into the run folder as the commands do
+    assert ep["status"]["store"] == ep["status"]["usage"] == "ran" and ep["status"]["needle"] == "read"
+    store, usage = _read(ep_run, "store.json"), _read(ep_run, "usage.json")
+    assert store["sequences"] == 50 and ep["store"]["mean"] == store["mean"] and ep["store"]["std"] == store["std"]
+    for c in ("initial", "random", "other_sequence"):
+        assert ep["store"]["controls"][c]["mean"] == store["controls"][c]["mean"]
+    assert ep["usage"]["entropy"] == usage["entropy"] and ep["usage"]["min_max_ratio"] == usage["min_max_ratio"]
+    assert ep["usage"]["dead_slots"] == len(usage["dead_slots"])
+    # needle: every condition, placement and curve present in needle.json
+    for c in CONDS:
+        for m in ("exact_match", "recall_at_1"):
+            assert ep["needle"]["conditions"][c][m] == NEEDLE["conditions"][c][m]
+    assert ep["needle"]["placements"]["line"]["memory"]["exact_match"] == 0.75
+    assert ep["needle"]["placements"]["prose"]["fresh"]["recall_at_1"] == 0.125
+    curves = ep["needle"]["curves"]
+    assert curves["capacity"]["x"] == [1, 2, 4] and curves["capacity"]["exact_match"] == {"memory": [0.75, 0.5, 0.25]}
+    assert curves["distance"]["x_name"] == "distance" and curves["distance"]["exact_match"]["fresh"] == [0.0, 0.0, 0.0]
+    assert curves["document"]["x"] == [4, 16, 64] and curves["document"]["exact_match"]["other_facts"] == [0.0, 0.0625, 0.0]
+    assert ep["speed"] is None and ep["status"]["speed"] == "not run"
+    # no memory: every memory figure absent, and the run folder untouched
+    assert all(s0[k] is None for k in ("store", "usage", "needle", "recall"))
+    assert {s0["status"][k] for k in ("store", "usage", "needle", "recall")} == {"no memory"}
+    assert snapshot(s0_run) == untouched
+    # compare's own files
+    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.png"]
+    assert (out / "compare.png").read_bytes()[:8] == PNG
+    saved = json.loads((out / "compare.json").read_text())
+    assert saved["runs"] == doc["runs"] and doc["files"]["json"] == str(out / "compare.json")
+
+
+def test_no_run_shows_not_run_and_writes_nothing_into_runs(imm, tiny_run, s0_run, tmp_path):
+    before = snapshot(tiny_run, s0_run)
+    r = imm("compare", str(tiny_run), str(s0_run), "--no-run", "--no-speed", "--out", str(tmp_path / "o"), "--json")
+    assert r.code == 0, r.stderr
+    ep = json.loads(r.stdout)["runs"][0]
+    assert ep["store"] is None and ep["usage"] is None and ep["needle"] is None
+    assert ep["status"]["needle"] == "not run"
+    assert "not run" in r.stderr and "—" in r.stderr
+    assert snapshot(tiny_run, s0_run) == before
+
+
+def test_stale_json_is_not_read(imm, ep_run, tmp_path):
+    old = time.time() - 3600
+    os.utime(ep_run / "needle.json", (old, old))  # older than the weights: from an earlier training
+    r = imm("compare", str(ep_run), "--no-run", "--no-speed", "--out", str(tmp_path / "o"), "--json")
+    ep = json.loads(r.stdout)["runs"][0]
+    assert ep["needle"] is None and any("older than the run's weights" in n for n in ep["notes"])
+
+
+def test_needle_is_run_where_missing(imm, tmp_path, monkeypatch):
+    """A run lacking needle.json gets one, written as `imm needle` would (its defaults, shortened here
+    to one trial without sweeps to keep the test fast), and compare reports its figures."""
+    from imm_cli.experiments import needle
+    from imm_cli.train import train
+
+    monkeypatch.setattr(needle, "NeedleSettings", functools.partial(needle.NeedleSettings, trials=1, sweeps=False))
+    model_cfg, cfg = tiny_configs(slots=4, segments=2, batch_size=4)
+    run = tmp_path / "b128"
+    train(dataclasses.replace(model_cfg, block_size=128), cfg, run)
+    facts = tmp_path / "facts.txt"
+    lines = [ln for ln in (REPO / "examples" / "facts.txt").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
+    facts.write_text("\n".join(lines[:2]) + "\n")
+    doc = _doc(imm, str(run), "--facts", str(facts), "--no-speed", "--out", str(tmp_path / "o"))
+    fig = doc["runs"][0]
+    written = _read(run, "needle.json")
+    assert fig["status"]["needle"] == "ran" and written["facts_file"] == str(facts)
+    for c in CONDS:
+        assert fig["needle"]["conditions"][c]["exact_match"] == written["conditions"][c]["exact_match"]
+
+
+def test_facts_that_do_not_fit_a_run_are_a_note(imm, tiny_run, tmp_path):
+    run = tmp_path / "ep"
+    shutil.copytree(tiny_run, run)
+    r = imm("compare", str(run), "--facts", str(REPO / "examples" / "facts.txt"), "--no-speed", "--out", str(tmp_path / "o"), "--json")
+    assert r.code == 0, r.stderr
+    fig = json.loads(r.stdout)["runs"][0]
+    assert fig["needle"] is None and fig["status"]["needle"] == "failed"
+    assert any(n.startswith("needle could not run") for n in fig["notes"]) and not (run / "needle.json").exists()
+
+
+def test_training_speed_against_slots0(imm, ep_run, s0_run, tmp_path):
+    doc = _doc(imm, str(ep_run), str(s0_run), "--no-run", "--speed-seconds", "0.2", "--out", str(tmp_path / "o"))
+    ep, s0 = (r["speed"] for r in doc["runs"])
+    assert ep["measured"] and ep["ratio"] > 0 and ep["rounds"] >= 3
+    assert abs(ep["ratio"] - ep["ms_per_step_slots0"] / ep["ms_per_step"]) < 1e-9
+    assert s0 == {"ratio": 1.0, "measured": False, "note": "the baseline itself (--slots 0)"}
+
+
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "none", "twice", "facts", "out_is_run"])
+def test_bad_input_is_one_line_and_exit_2(imm, tiny_run, tmp_path, monkeypatch, case):
+    monkeypatch.chdir(tmp_path)  # examples/facts.txt does not exist here
+    bare = tmp_path / "bare"
+    shutil.copytree(tiny_run, bare)
+    (tmp_path / "empty").mkdir()
+    args = {"missing": [str(tmp_path / "nope")], "not_a_run": [str(tmp_path / "empty")], "none": [],
+            "twice": [str(bare), str(bare) + "/."], "facts": [str(bare)],
+            "out_is_run": [str(bare), "--no-run", "--out", str(bare)]}[case]
+    before = snapshot(tmp_path)
+    r = imm("compare", *args, "--no-speed", *([] if case == "out_is_run" else ["--out", str(tmp_path / "o")]))
+    assert r.code == 2, r.stderr
+    assert len(r.err_lines) == 1 and r.err_lines[0].startswith("error:"), r.stderr
+    assert snapshot(tmp_path) == before
