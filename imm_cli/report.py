@@ -570,7 +570,7 @@ def size_table(folders: list[RunFolder]) -> str:
     head = "".join(f"<th>{esc(f.shown)}</th>" for f in runs)
     body = "".join(f"<tr><th>{name}</th>" + "".join(f'<td class="num" data-run="{esc(f.shown)}">{fn(f, f.config.data)}</td>' for f in runs) + "</tr>"
                    for name, fn in rows)
-    full = "".join(f'<div class="col"><h4>{esc(f.shown)}</h4>{render_dict(CONFIG, [], f.config.data, 0, skip={"summary"})}</div>' for f in runs)
+    full = "".join(f'<div class="col" data-run="{esc(f.shown)}"><h4>{esc(f.shown)}</h4>{render_dict(CONFIG, [], f.config.data, 0, skip={"summary"})}</div>' for f in runs)
     return (f'<div class="scroll"><table class="data wide"><thead><tr><th></th>{head}</tr></thead><tbody>{body}</tbody></table></div>'
             f'<details><summary>every setting of config.json</summary><div class="cols" style="--n:{len(runs)}">{full}</div></details>')
 
@@ -732,7 +732,12 @@ def experiment_column(exp: Experiment, f: RunFolder) -> str:
     if doc is None:
         if not f.has_memory:
             return not_run(f"not applicable: this run has no memory (--slots 0), {exp.name} measures the memory")
-        return not_run("not run yet. Run:", command(exp, f))
+        block = get(f.config.data, "model", "block_size")
+        hint = ""
+        if "--facts" in exp.command and isinstance(block, int) and block < 128:
+            hint = (f" (this model's {block}-byte block holds facts of at most {block // 2 - 2} bytes; "
+                    f"{DEFAULT_FACTS} needs --block-size 128: pass a file of shorter facts)")
+        return not_run(f"not run yet{hint}. Run:", command(exp, f))
     f.results.pop(exp.json)  # shown here, not again among other results
     if doc.error or not isinstance(doc.data, dict):
         return not_run(f"{exp.json} is {doc.error or 'not a JSON object'}; run it again:", command(exp, f))
