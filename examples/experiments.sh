@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Train one run, then run the notes' experiments on it, reading figures from --json with python3
-# (any JSON tool works: jq -r .mean store.json does the same).
+# (any JSON tool works: jq -r .mean store.json does the same), and end with the run's report page.
 #
 #   examples/experiments.sh [RUN_DIR]          # default runs/default; ITERS=300 for a quick look
 #
@@ -17,7 +17,7 @@ json() {  # json KEY.PATH < document: print one field of a JSON document
 d = json.load(sys.stdin)
 for k in sys.argv[1].split("."):
     d = d[int(k)] if isinstance(d, list) else d[k]
-print(f"{d:.3f}" if isinstance(d, float) else json.dumps(d))' "$1"
+print(f"{d:.3f}" if isinstance(d, float) else d if isinstance(d, str) else json.dumps(d))' "$1"
 }
 
 if [ ! -f "$RUN/config.json" ]; then
@@ -52,5 +52,8 @@ for c in memory fresh other_facts in_context; do
 done
 echo "verdict: $(json verdict < "$RUN/needle.out.json")"
 
-echo "plots in $RUN: loss.png pattern_similarity.png slot_usage_heatmap.png optimal_config_results.png"
-echo "              context_influence.png needle_heatmap.png capacity.png"
+# one self-contained HTML page with all of it (configuration, training curve, every experiment with its
+# controls and plots); open it in any browser, or send it: nothing in it needs the network
+REPORT=$(imm report "$RUN" --json | json report)
+echo "plots, JSON results and the checkpoint are in $RUN; all of them on one page:"
+echo "$REPORT"
