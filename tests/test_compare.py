@@ -40,6 +40,9 @@ NEEDLE = {
     "distance": {"distance": [512, 4096, 16384], "memory": [0.9, 0.5, 0.125], "fresh": [0.0, 0.0, 0.0]},
     "document": {"n_facts": [4, 16, 64], "memory_size": 4096,
                  "conditions": {"memory": {"exact_match": [1.0, 0.75, 0.5]}, "other_facts": {"exact_match": [0.0, 0.0625, 0.0]}}},
+    "gap": [{"gap": 0, "memory": {"exact_match": 0.75}, "fresh": {"exact_match": 0.0}},
+            {"gap": 1024, "memory": {"exact_match": 0.25}, "fresh": {"exact_match": 0.0}}],
+    "not_a_curve": {"note": "skipped"},
 }
 
 
@@ -101,6 +104,8 @@ def test_figures_are_those_of_the_runs_files(imm, ep_run, s0_run, tmp_path):
     assert curves["capacity"]["x"] == [1, 2, 4] and curves["capacity"]["exact_match"] == {"memory": [0.75, 0.5, 0.25]}
     assert curves["distance"]["x_name"] == "distance" and curves["distance"]["exact_match"]["fresh"] == [0.0, 0.0, 0.0]
     assert curves["document"]["x"] == [4, 16, 64] and curves["document"]["exact_match"]["other_facts"] == [0.0, 0.0625, 0.0]
+    assert curves["gap"]["x"] == [0, 1024] and curves["gap"]["exact_match"]["memory"] == [0.75, 0.25]
+    assert set(curves) == {"capacity", "distance", "document", "gap"}
     assert ep["speed"] is None and ep["status"]["speed"] == "not run"
     # no memory: every memory figure absent, and the run folder untouched
     assert all(s0[k] is None for k in ("store", "usage", "needle", "recall"))

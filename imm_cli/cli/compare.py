@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import List, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from imm_cli import runs
 from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json
@@ -137,12 +139,12 @@ def _speed_cell(r: dict) -> str:
 
 def _print(doc: dict) -> None:
     facts = {str((r["needle"] or {}).get("facts_file")) for r in doc["runs"] if r["needle"]}
-    t = Table(title=f"imm compare: {len(doc['runs'])} run(s); needle on {', '.join(sorted(facts)) or 'no facts'}")
+    t = Table(title=escape(f"imm compare: {len(doc['runs'])} run(s); needle on {', '.join(sorted(facts)) or 'no facts'}"))
     t.add_column("figure")
     for r in doc["runs"]:
-        t.add_column(r["name"], justify="right")
-    for label, cells in _rows(doc):
-        t.add_row(label, *cells)
+        t.add_column(Text(r["name"]), justify="right")
+    for label, cells in _rows(doc):  # Text: names and kinds come from files, never read as markup
+        t.add_row(Text(label), *map(Text, cells))
     console.print(t)
     for r in doc["runs"]:
         for n in r["notes"]:

@@ -193,14 +193,19 @@ def as_curve(d) -> dict | None:
     """A curve from a needle entry: an x axis (a list of numbers) and exact match per condition, or None.
 
     Accepted shapes: {x: [...], "exact_match": [...]} (the memory condition, as capacity), or
-    {x: [...], cond: [...] | {"exact_match": [...]}} for conditions, or the latter under "conditions".
+    {x: [...], cond: [...] | {"exact_match": [...]}} for conditions, or the latter under "conditions",
+    or a list of rows [{x: 512, cond: {"exact_match": y}}, ...].
     """
+    if isinstance(d, list) and d and all(isinstance(row, dict) for row in d):  # rows: one dict per x
+        d = {k: [row.get(k) for row in d] for k in d[0]}
     if not isinstance(d, dict):
         return None
     conds = d["conditions"] if isinstance(d.get("conditions"), dict) else d
     series = {}
     for c in [c for c in CONDITIONS if c in conds] + [c for c in conds if c not in CONDITIONS and isinstance(conds[c], dict)]:
         v = conds[c]
+        if isinstance(v, list) and all(isinstance(x, dict) for x in v):  # per row: {"exact_match": y, ...}
+            v = [x.get("exact_match") for x in v]
         ys = _numbers(v.get("exact_match")) if isinstance(v, dict) else _numbers(v)
         if ys:
             series[c] = ys
@@ -301,7 +306,7 @@ class StepTimer:
 
 
 def paired_rounds(contenders: dict[str, Callable[[], float]], seconds: float, steps: int = 2,
-                  min_rounds: int = 3, warmup: int = 1) -> dict[str, list[float]]:
+                  min_rounds: int = 3, warmup: int = 2) -> dict[str, list[float]]:
     """Time contenders in alternating rounds (order rotating) until `seconds` are spent (at least
     `min_rounds`); returns each contender's per-round median step time in seconds."""
     for fn in contenders.values():
