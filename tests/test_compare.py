@@ -106,7 +106,7 @@ def test_figures_are_those_of_the_runs_files(imm, ep_run, s0_run, tmp_path):
     assert curves["document"]["x"] == [4, 16, 64] and curves["document"]["exact_match"]["other_facts"] == [0.0, 0.0625, 0.0]
     assert curves["gap"]["x"] == [0, 1024] and curves["gap"]["exact_match"]["memory"] == [0.75, 0.25]
     assert set(curves) == {"capacity", "distance", "document", "gap"}
-    assert ep["speed"] is None and ep["status"]["speed"] == "not run"
+    assert ep["speed"] is None and ep["status"]["speed"] == "not run" and ep["notes"] == [] and doc["notes"] == []
     # no memory: every memory figure absent, and the run folder untouched
     assert all(s0[k] is None for k in ("store", "usage", "needle", "recall"))
     assert {s0["status"][k] for k in ("store", "usage", "needle", "recall")} == {"no memory"}
@@ -135,6 +135,13 @@ def test_stale_json_is_not_read(imm, ep_run, tmp_path):
     r = imm("compare", str(ep_run), "--no-run", "--no-speed", "--out", str(tmp_path / "o"), "--json")
     ep = json.loads(r.stdout)["runs"][0]
     assert ep["needle"] is None and any("older than the run's weights" in n for n in ep["notes"])
+
+
+def test_needle_of_another_facts_file_is_noted(imm, ep_run, tmp_path):
+    doc = _doc(imm, str(ep_run), "--facts", "examples/heldout_facts.txt", "--no-run", "--no-speed", "--out", str(tmp_path / "o"))
+    ep = doc["runs"][0]
+    assert ep["needle"]["conditions"]["memory"]["exact_match"] == 0.75
+    assert any("measured on examples/facts.txt, not on --facts examples/heldout_facts.txt" in n for n in ep["notes"])
 
 
 def test_needle_is_run_where_missing(imm, tmp_path, monkeypatch):

@@ -164,6 +164,7 @@ def store_figures(doc: dict) -> dict:
     controls = doc.get("controls") or {}
     return {"mean": _num(doc.get("mean")), "std": _num(doc.get("std")), "best_slot_mean": _num(doc.get("best_slot_mean")),
             "slot_cosine": _num(doc.get("slot_cosine")), "sequences": doc.get("sequences"),
+            "random_tokens": doc.get("random_tokens"),
             "controls": {c: {"mean": _num((controls.get(c) or {}).get("mean")), "std": _num((controls.get(c) or {}).get("std"))}
                          for c in STORE_CONTROLS},
             "nonfinite": doc.get("nonfinite")}
@@ -377,6 +378,9 @@ def compare_run(run: Path, name: str, todo: list[str], settings: CompareSettings
             continue
         else:
             fig.status[exp] = "read"
+            if exp == "needle" and Path(str(doc.get("facts_file"))).name != Path(settings.facts).name:
+                fig.notes.append(f"needle.json was measured on {doc.get('facts_file')}, not on --facts {settings.facts} "
+                                 "(run imm needle again to measure that file)")
         setattr(fig, exp, EXTRACT[exp](doc))
     if not settings.speed:
         fig.status["speed"] = "not run"
@@ -413,6 +417,8 @@ def compare(paths: list[Path], settings: CompareSettings | None = None,
             sorted({str(n["facts_file"]) for n in needles})))
     if _differs([(n["facts"], n["trials"], n["length"]) for n in needles]):
         notes.append("needle figures come from different settings (facts, trials or haystack length differ)")
+    if _differs([(f.store["sequences"], f.store["random_tokens"]) for f in figures if f.store]):
+        notes.append("store figures come from different settings (sequences or random tokens differ)")
     return CompareResult(runs=figures, notes=notes, seconds=time.perf_counter() - t0,
                          settings={"facts": str(s.facts), "run_missing": s.run_missing, "speed": s.speed,
                                    "speed_seconds": s.speed_seconds, "device": s.device})
