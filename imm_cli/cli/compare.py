@@ -101,7 +101,7 @@ def _rows(doc: dict) -> list[tuple[str, list[str]]]:
                 per("needle", lambda n, p=p, c=c: _pair(n["placements"][p][c].get("exact_match"), n["placements"][p][c].get("recall_at_1"))
                     if c in n["placements"].get(p, {}) else "-"))
     for name in sorted({k for r in rs if r["needle"] for k in r["needle"]["curves"]}):
-        add(f"needle {name}: exact match of the memory (max of controls)", per("needle", lambda n, k=name: _curve_cell(n["curves"].get(k))))
+        add(f"needle {name}: memory exact by x (best control)", per("needle", lambda n, k=name: _curve_cell(n["curves"].get(k))))
     add("pattern similarity s_t, mean ± std", per("store", lambda s: f"{fmt(s['mean'])} ± {fmt(s['std'])}"))
     for c in STORE_CONTROLS:
         add(f"  control: {CONTROL_LABEL[c]}", per("store", lambda s, c=c: fmt(s["controls"][c]["mean"]) if s["controls"][c]["mean"] is not None

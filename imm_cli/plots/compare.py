@@ -96,9 +96,9 @@ def _curves(ax, doc: dict, key: str) -> None:
     xs = [x for r in doc["runs"] for x in (((r["needle"] or {}).get("curves") or {}).get(key) or {}).get("x", [])]
     if xs and min(xs) > 0 and max(xs) / min(xs) >= 8:
         ax.set_xscale("log", base=2)
-    unit = {"n_facts": "facts written into one memory", "distance": "bytes between fact and cue",
-            "document": "facts in one document"}.get(xlabel, xlabel)
-    ax.set_xlabel(unit)
+    axis = {"capacity": "facts written into one memory (each in its own haystack)",
+            "document": "facts spread through one document (one memory)"}.get(key)
+    ax.set_xlabel(axis or {"distance": "bytes between fact and cue", "n_facts": "facts written into one memory"}.get(xlabel, xlabel))
     ax.set_ylabel("exact match (share of facts)")
     ax.set_ylim(0, 1.05)
     ax.set_title("capacity: facts in one memory" if key == "capacity" else f"needle {key} (dashed: controls)", fontsize=10)
@@ -146,7 +146,7 @@ def plot_compare(doc: dict, path: Path) -> None:
     panels += [lambda ax: _store(ax, doc, names), lambda ax: _usage(ax, doc, names), lambda ax: _speed(ax, doc, names)]
     cols = 3
     rows = -(-len(panels) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(5.2 * cols, 4.2 * rows), squeeze=False, layout="constrained")
     for ax, draw in zip(axes.flat, panels):
         draw(ax)
     for ax in list(axes.flat)[len(panels):]:
@@ -154,5 +154,4 @@ def plot_compare(doc: dict, path: Path) -> None:
     facts = sorted({str(r["needle"]["facts_file"]) for r in doc["runs"] if r["needle"]})
     fig.suptitle(f"imm compare: {', '.join(names)}\nmeasured per run: validation loss (training summary), needle on "
                  f"{', '.join(facts) or '(not run)'}, store/usage on held-out text, speed in paired training steps")
-    fig.tight_layout()
     save_figure(fig, path)
