@@ -183,7 +183,7 @@ def test_training_speed_against_slots0(imm, ep_run, s0_run, tmp_path):
     assert s0 == {"ratio": 1.0, "measured": False, "note": "the baseline itself (--slots 0)"}
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_run", "none", "twice", "facts", "out_is_run"])
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "none", "twice", "facts", "out_is_run", "device", "speed_seconds"])
 def test_bad_input_is_one_line_and_exit_2(imm, tiny_run, tmp_path, monkeypatch, case):
     monkeypatch.chdir(tmp_path)  # examples/facts.txt does not exist here
     bare = tmp_path / "bare"
@@ -191,7 +191,8 @@ def test_bad_input_is_one_line_and_exit_2(imm, tiny_run, tmp_path, monkeypatch, 
     (tmp_path / "empty").mkdir()
     args = {"missing": [str(tmp_path / "nope")], "not_a_run": [str(tmp_path / "empty")], "none": [],
             "twice": [str(bare), str(bare) + "/."], "facts": [str(bare)],
-            "out_is_run": [str(bare), "--no-run", "--out", str(bare)]}[case]
+            "out_is_run": [str(bare), "--no-run", "--out", str(bare)], "device": [str(bare), "--no-run", "--device", "tpu"],
+            "speed_seconds": [str(bare), "--no-run", "--speed-seconds", "-1"]}[case]
     before = snapshot(tmp_path)
     r = imm("compare", *args, "--no-speed", *([] if case == "out_is_run" else ["--out", str(tmp_path / "o")]))
     assert r.code == 2, r.stderr

@@ -402,8 +402,11 @@ def compare(paths: list[Path], settings: CompareSettings | None = None,
             progress: Callable[[str], None] | None = None) -> CompareResult:
     """Check every input, then gather (and where asked, run) each run's figures."""
     s = settings or CompareSettings()
+    from imm_cli.train import resolve_device
+
     if not s.speed_seconds >= 0:
         raise InputError(f"--speed-seconds must be >= 0 (got {s.speed_seconds})")
+    resolve_device(s.device)  # a bad --device is refused before any work, not in the middle
     paths = check_runs(paths)
     todo = plan(paths, s)
     if any("needle" in t for t in todo.values()):
