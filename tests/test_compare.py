@@ -129,6 +129,17 @@ def test_no_run_shows_not_run_and_writes_nothing_into_runs(imm, tiny_run, s0_run
     assert snapshot(tiny_run, s0_run) == before
 
 
+def test_a_run_without_summary_counts_parameters_from_its_config(imm, tiny_run, tmp_path):
+    run = tmp_path / "step0"
+    shutil.copytree(tiny_run, run)
+    cfg = _read(run, "config.json")
+    (run / "config.json").write_text(json.dumps({**cfg, "summary": {"step": 0}}))
+    train = _doc(imm, str(run), "--no-run", "--no-speed", "--out", str(tmp_path / "o"))["runs"][0]["train"]
+    summary = _read(tiny_run, "config.json")["summary"]
+    assert (train["params"], train["memory_params"]) == (summary["params"], summary["memory_params"])
+    assert train["step"] == 0 and train["val_loss"] is None
+
+
 def test_stale_json_is_not_read(imm, ep_run, tmp_path):
     old = time.time() - 3600
     os.utime(ep_run / "needle.json", (old, old))  # older than the weights: from an earlier training

@@ -26,7 +26,7 @@ CONTROL_LABEL = {"other_sequence": "vs another sequence", "initial": "initial me
 
 @handle_errors
 def compare(
-    run_dirs: Optional[List[Path]] = typer.Argument(None, metavar="RUN...", help="Run folders made by `imm train`."),
+    run_dirs: Optional[List[Path]] = typer.Argument(None, metavar="RUN", help="Run folders made by `imm train` (one or more)."),
     facts: Path = typer.Option(D.facts, help="Facts file for needle where a run has no needle.json yet (relative to the current folder)."),
     run_missing: bool = typer.Option(True, "--run/--no-run", help="Run store, usage and needle (defaults) where a run lacks their JSON; --no-run shows 'not run'."),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Time training steps against the same config with --slots 0 (paired rounds)."),

@@ -150,11 +150,14 @@ def train_figures(cfg: dict, run: Path) -> dict:
             "recall_acc_ablated", "tokens_per_s")
     out = {k: _num(s.get(k)) for k in keys}
     out["nonfinite"] = s.get("nonfinite") if isinstance(s.get("nonfinite"), bool) else None
-    if out["params"] is None:
+    if out["params"] is None:  # a run saved before its first summary (step 0): count from the config
         from imm_cli.model import GPT
 
-        total, mem = GPT(runs.load_model_config(run)).num_params()
-        out.update(params=total, memory_params=mem, memory_share=mem / total if total else None)
+        try:
+            total, mem = GPT(runs.load_model_config(run)).num_params()
+            out.update(params=total, memory_params=mem, memory_share=mem / total if total else None)
+        except (InputError, AttributeError, TypeError, ValueError):
+            pass  # shown as "-"
     for k in ("step", "params", "memory_params"):
         out[k] = int(out[k]) if out[k] is not None else None
     return out
