@@ -369,8 +369,10 @@ def _flatten(d: dict, prefix: tuple = ()) -> list[tuple[tuple, Any]]:
     return out
 
 
-def rows_table(src: str, path: list, rows: list[dict]) -> str:
-    """A list of dicts -> one row each; nested dicts become 'outer: inner' columns."""
+def rows_table(src: str, path: list, rows: list[dict], keypath=None) -> str:
+    """A list of dicts -> one row each; nested dicts become 'outer: inner' columns.
+
+    `keypath(i, key)` gives the JSON path of a cell where the rows were reshaped (default: path + [i, *key])."""
     cols: list[tuple] = []
     flat = [_flatten(r) for r in rows[:MAX_ROWS]]
     for fr in flat:
@@ -385,7 +387,7 @@ def rows_table(src: str, path: list, rows: list[dict]) -> str:
         for k in cols:
             x = m.get(k)
             if is_scalar(x):
-                cell = val(src, path + [i, *k], x) if k in m else ""
+                cell = val(src, keypath(i, k) if keypath else path + [i, *k], x) if k in m else ""
             else:
                 cell = esc(json.dumps(x)[:200])
             cells.append(f'<td class="{"num" if is_number(x) else "txt"}">{cell}</td>')
@@ -462,7 +464,7 @@ def read_folder(path: Path) -> RunFolder:
     f.metrics = _read_jsonl(path / METRICS)
     f.sweep = _read_jsonl(path / SWEEP_JSONL)
     for p in sorted(path.glob("*.json")):
-        if p.name not in NOT_RESULTS and not p.name.endswith(".out.json") and p.is_file():
+        if p.name not in NOT_RESULTS and not p.name.startswith(".") and not p.name.endswith(".out.json") and p.is_file():
             f.results[p.name] = _read_json(p)
     if f.config is None and not f.sweep and not f.results:
         raise InputError(f"{path} holds nothing imm made: no {CONFIG} (a run), no {SWEEP_JSONL} (a sweep), "
@@ -786,9 +788,10 @@ def sweep_column(f: RunFolder) -> str:
     if not f.sweep:
         return not_run("no sweep in this folder; a sweep trains its own grid of runs:",
                        "imm sweep --slots 4,8 --memory-lr 0.04,0.2 --iters 100 --out runs/sweep\nimm report runs/sweep")
-    recs = [r for r in f.sweep if isinstance(r.get("figures"), dict)]
+    lines = [i for i, r in enumerate(f.sweep) if isinstance(r.get("figures"), dict)]
+    recs = [f.sweep[i] for i in lines]
     rows = [{"point": r.get("name"), **r["figures"]} for r in recs]
-    table = rows_table(SWEEP_JSONL, [], rows)
+    table = rows_table(SWEEP_JSONL, [], rows, keypath=lambda i, k: [lines[i], *(["name"] if k == ("point",) else ["figures", *k])])
     plots = "".join(image(f, n) for n in ("optimal_config_results.png",) if n in f.pngs)
     notes = [f"{r.get('name')}: {n}" for r in recs for n in (r.get("notes") or [])]
     return f"<p>{len(recs)} points (one line each in {SWEEP_JSONL}; control columns: *_ablated, *_fresh, *_initial)</p>" + table + notes_list(notes) + plots

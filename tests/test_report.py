@@ -296,3 +296,19 @@ def test_report_command_errors(imm, tmp_path, tiny_run):
     out = tmp_path / "sub" / "r.html"
     r = imm("report", str(tiny_run), "--out", str(out), "--json")
     assert r.code == 0 and json.loads(r.stdout) == {"report": str(out)} and out.read_text().startswith("<!DOCTYPE html>")
+
+
+def test_report_of_sweep_and_compare_folders(tmp_path, tiny_run):
+    """A sweep folder and a compare folder (no config.json) have sections of their own, beside a run."""
+    sweep, cmp_ = tmp_path / "sweep", tmp_path / "cmp"
+    sweep.mkdir()
+    cmp_.mkdir()
+    recs = [{"name": f"s{s}", "figures": {"val_loss": 2.5 + s / 100, "needle_recall_at_1": 0.06}, "notes": []} for s in (4, 8)]
+    (sweep / "sweep.jsonl").write_text("".join(json.dumps(r) + "\n" for r in recs) + '{"torn": ')
+    (sweep / "sweep_settings.json").write_text("{}")
+    (cmp_ / "compare.json").write_text(json.dumps({"runs": [{"name": "a", "train": {"val_loss": 1.5}}]}))
+    (cmp_ / ".imm-outputs.json").write_text("{}")  # bookkeeping, not a result
+    page = build_report([tiny_run, sweep, cmp_])
+    assert 'id="sweep"' in page and 'id="compare"' in page
+    assert 'data-key="sweep.jsonl:1.figures.val_loss"' in page and 'data-key="compare.json:runs.0.train.val_loss"' in page
+    assert "imm-outputs" not in page and "sweep_settings" not in page
