@@ -194,18 +194,24 @@ def test_training_speed_against_slots0(imm, ep_run, s0_run, tmp_path):
     assert s0 == {"ratio": 1.0, "measured": False, "note": "the baseline itself (--slots 0)"}
 
 
-@pytest.mark.parametrize("case", ["missing", "not_a_run", "none", "twice", "facts", "out_is_run", "device", "speed_seconds"])
+@pytest.mark.parametrize("case", ["missing", "not_a_run", "none", "twice", "facts", "out_is_run", "device", "speed_seconds",
+                                  "read_only"])
 def test_bad_input_is_one_line_and_exit_2(imm, tiny_run, tmp_path, monkeypatch, case):
+    if case == "read_only" and os.geteuid() == 0:
+        pytest.skip("root writes anywhere")
     monkeypatch.chdir(tmp_path)  # examples/facts.txt does not exist here
     bare = tmp_path / "bare"
     shutil.copytree(tiny_run, bare)
     (tmp_path / "empty").mkdir()
-    args = {"missing": [str(tmp_path / "nope")], "not_a_run": [str(tmp_path / "empty")], "none": [],
+    args = {"missing": [str(tmp_path / "nope")], "not_a_run": [str(tmp_path / "empty")], "none": [], "read_only": [str(bare)],
             "twice": [str(bare), str(bare) + "/."], "facts": [str(bare)],
             "out_is_run": [str(bare), "--no-run", "--out", str(bare)], "device": [str(bare), "--no-run", "--device", "tpu"],
             "speed_seconds": [str(bare), "--no-run", "--speed-seconds", "-1"]}[case]
     before = snapshot(tmp_path)
+    if case == "read_only":
+        bare.chmod(0o555)  # compare would write store.json, usage.json and needle.json there
     r = imm("compare", *args, "--no-speed", *([] if case == "out_is_run" else ["--out", str(tmp_path / "o")]))
+    bare.chmod(0o755)
     assert r.code == 2, r.stderr
     assert len(r.err_lines) == 1 and r.err_lines[0].startswith("error:"), r.stderr
     assert snapshot(tmp_path) == before

@@ -103,6 +103,9 @@ def plan(paths: list[Path], settings: CompareSettings) -> dict[Path, list[str]]:
     for p in paths:
         cfg = runs.read_config(p)
         todo[p] = [e for e in RUNNABLE if settings.run_missing and has_memory(cfg) and _read_json(p, e)[0] is None]
+        if todo[p] and not os.access(p, os.W_OK | os.X_OK):
+            raise InputError(f"run folder {p} is not writable, and {', '.join(FILES[e] for e in todo[p])} would be written "
+                             "there; make it writable or pass --no-run")
     return todo
 
 
@@ -392,8 +395,12 @@ def compare_run(run: Path, name: str, todo: list[str], settings: CompareSettings
         fig.status["speed"] = "baseline"
     else:
         progress(f"{name}: timing training steps against --slots 0 (~{settings.speed_seconds:g} s)")
-        fig.speed = training_speed(run, settings.speed_seconds, settings.device)
-        fig.status["speed"] = "measured"
+        try:
+            fig.speed = training_speed(run, settings.speed_seconds, settings.device)
+            fig.status["speed"] = "measured"
+        except InputError as e:
+            fig.status["speed"] = "failed"
+            fig.notes.append(f"speed could not be measured: {e}")
     return fig
 
 
