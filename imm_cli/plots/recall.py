@@ -21,7 +21,9 @@ def plot_context_influence(result: dict, path: Path) -> None:
     ax.axvline(ci["cue_start"], color="grey", ls=":", label="cue starts (longest cue)")
     ax.set_xlabel("position in prompt + rest (bytes)")
     ax.set_ylabel("KL(read on || read off), nats")
-    ax.set_title(f"Memory influence on next-byte predictions (mean over {result['settings']['facts']} facts)")
+    m = result.get("model") or {}
+    ax.set_title(f"Memory influence on next-byte predictions, {m.get('memory', '?')} memory, {m.get('slots', '?')} slots\n"
+                 f"(KL with the read on vs off, mean over {result['settings']['facts']} facts)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend()
     save_figure(fig, path)
@@ -42,7 +44,14 @@ def plot_needle_heatmap(result: dict, path: Path) -> None:
         for i in range(data.shape[0]):
             for j in range(data.shape[1]):
                 ax.text(j, i, f"{data[i, j]:.2f}", ha="center", va="center", color="w" if data[i, j] < 0.6 else "k", fontsize=8)
-        fig.colorbar(im, ax=ax)
+        fig.colorbar(im, ax=ax, label="share of facts (0..1)" if title == "exact match" else "share of bytes (0..1)")
+    m, s = result.get("model") or {}, result.get("settings") or {}
+    fresh = (result.get("conditions") or {}).get("fresh") or {}
+    control = (f"; control, fresh memory: exact {fresh['exact_match']:.2f}, char acc {fresh['char_accuracy']:.2f}"
+               if "exact_match" in fresh and "char_accuracy" in fresh else "")
+    fig.suptitle(f"Needle recall over haystack length x depth: {s.get('facts', '?')} facts, {m.get('memory', '?')} memory, "
+                 f"{m.get('slots', '?')} slots{control}", fontsize=10)
+    fig.tight_layout()
     save_figure(fig, path)
 
 
@@ -58,8 +67,9 @@ def plot_capacity(result: dict, path: Path) -> None:
     ax.set_xticks(cap["n_facts"], [str(n) for n in cap["n_facts"]])
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("facts written into one memory (each in its own haystack)")
-    ax.set_ylabel("score")
-    ax.set_title(f"Capacity ({result['model']['slots']} slots, haystack {result['settings']['length']} bytes)")
+    ax.set_ylabel("share of facts (exact) or bytes (char acc)")
+    ax.set_title(f"Needle capacity: recall as facts share one memory\n({result['model'].get('memory', '?')} memory, "
+                 f"{result['model']['slots']} slots, haystacks of {result['settings']['length']} bytes)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)

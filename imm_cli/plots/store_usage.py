@@ -59,9 +59,14 @@ def draw_similarity(ax, store: dict) -> None:
     sc = store.get("slot_cosine")
     if sc is not None:
         head += f"; slot-to-slot cosine {sc:.2f}"
-    ax.set_title(f"{head}\n{_mem_label(store)}", fontsize=10)
+    ax.set_title(f"{head}\n{_mem_label(store)}, {_seq_label(store)}", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+
+
+def _seq_label(r: dict) -> str:
+    text = "random bytes" if r.get("random_tokens") else "held-out text"
+    return f"{r.get('sequences', '?')} sequences x {r.get('block_size', '?')} bytes of {text}"
 
 
 def draw_heatmap(ax, usage: dict, fig) -> None:
@@ -75,7 +80,7 @@ def draw_heatmap(ax, usage: dict, fig) -> None:
     ax.set_xlabel("memory slot")
     ax.set_ylabel("sequence t")
     ax.set_xticks(range(u.shape[1]))
-    title = f"slot usage (each row: slot mean = 1)\nentropy {_n(usage['entropy'])}, min/max {_n(usage['min_max_ratio'])}, cv {_n(usage['cv'])}"
+    title = f"slot usage, {_mem_label(usage)}, {_seq_label(usage)} (each row: slot mean = 1)\nentropy {_n(usage['entropy'])}, min/max {_n(usage['min_max_ratio'])}, cv {_n(usage['cv'])}"
     if usage.get("undefined_rows"):
         title += f"; gray = nothing read ({usage['undefined_rows']} rows)"
     ax.set_title(title, fontsize=10)

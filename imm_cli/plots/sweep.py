@@ -20,6 +20,8 @@ import numpy as np  # noqa: E402
 from imm_cli.experiments.sweep import FIGURES, label, varying  # noqa: E402
 from imm_cli.plots.training import save_figure  # noqa: E402
 
+YLABEL = {"val_loss": "nats per byte", "needle_recall_at_1": "share of facts", "store_similarity": "cosine similarity",
+          "usage_entropy": "normalised entropy (0..1)"}
 PANELS = [
     ("validation loss (lower is better)", "val_loss", "val_loss_ablated", "memory carried", "memory ablated"),
     ("needle recall@1", "needle_recall_at_1", "needle_recall_at_1_fresh", "memory (fact written once)", "fresh memory (control)"),
@@ -58,6 +60,8 @@ def plot_sweep(records: list[dict], rank_by: str, path: Path) -> None:
                 ax.text(x[i], 0, "n/a", ha="center", va="bottom", fontsize=8, color="tab:red")
             elif r["name"] == best:
                 ax.plot(x[i] - (w / 2 if ctrl else 0), vals[i], marker="*", markersize=14, color="black")
+        ax.set_ylabel(YLABEL.get(main, ""))
+        ax.set_xlabel("grid point")
         ax.set_title(title + (f"  [ranked by {FIGURES[rank_by][0]}]" if main == rank_by else ""), fontsize=10)
         ax.set_xticks(x, labels, rotation=30 if len(order) > 4 else 0, ha="right" if len(order) > 4 else "center", fontsize=8)
         ax.legend(fontsize=7, loc="lower right")
