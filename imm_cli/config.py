@@ -30,12 +30,14 @@ class MemoryConfig:
     temp: float | None = None  # read temperature of the cosine attention; None = 0.8 for linformer (notes' best), 0.05 for episodic (learned from there)
     lr: float = 0.04  # linformer: EMA rate merging a write into the state (notes' best 0.04)
     norm: str = "layer"  # linformer: state normalisation after each write, "layer" or "l2"
-    entries: int = 0  # episodic: entries a slot keeps from one written segment, most surprising first; 0 = all (block size)
+    size: int = 4096  # episodic: the memory's budget in entries (one entry = one position's context -> next byte)
+    topk: int = 8  # episodic: stored entries each query reads, the best-matching ones; 0 = all (dilutes as the memory grows)
+    entries: int = 0  # episodic: positions one write offers at most, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
     key_dim: int = 64  # episodic: width of keys and queries
     value_dim: int = 0  # episodic: width of a stored byte's value before the output projection; 0 = n_embd (a byte needs few dims)
     local: bool = True  # episodic: positions also read the entries of earlier positions of their own segment
-    decay: float = 0.9  # episodic: a slot's importance is multiplied by this at every later write (older fades)
+    decay: float = 1.0  # episodic: retention scores are multiplied by this at every write (< 1: older entries go first)
     gate_bias: float = 1.0  # initial bias of the read gate: sigmoid(1.0) = 0.73, the gate starts open
 
     @property
@@ -58,6 +60,9 @@ class MemoryConfig:
         _require(1 <= self.key_bytes <= 64, f"--memory-key-bytes must be between 1 and 64 (got {self.key_bytes})")
         _require(1 <= self.key_dim <= 4096, f"--memory-key-dim must be between 1 and 4096 (got {self.key_dim})")
         _require(0 <= self.value_dim <= 4096, f"--memory-value-dim must be between 0 (n_embd) and 4096 (got {self.value_dim})")
+        _require(self.slots <= self.size <= 1_048_576 or self.kind == "linformer" or self.slots == 0,
+                 f"--memory-size must be between --slots ({self.slots}) and 1048576 entries (got {self.size})")
+        _require(0 <= self.topk <= 65_536, f"--memory-topk must be between 0 (all) and 65536 (got {self.topk})")
         _require(0 < self.decay <= 1, f"--memory-decay must be in (0, 1] (got {self.decay})")
         return self
 
@@ -122,12 +127,17 @@ class TrainConfig:
         _require(1 <= self.batch_size <= 100_000, f"--batch-size must be between 1 and 100000 (got {self.batch_size})")
         _require(0 <= self.segments <= 64, f"--segments must be between 0 (auto) and 64 (got {self.segments})")
         _require(0 < self.lr < 1, f"--lr must be in (0, 1) (got {self.lr})")
-        _require(self.warmup >= 0, f"--warmup must be >= 0 (got {self.warmup})")
-        _require(self.grad_clip >= 0, f"--grad-clip must be >= 0 (got {self.grad_clip})")
+        _require(0 <= self.warmup <= 10_000_000, f"--warmup must be between 0 and 10000000 (got {self.warmup})")
+        _require(0 <= self.weight_decay <= 10, f"weight_decay must be between 0 and 10 (got {self.weight_decay})")
+        _require(0 <= self.grad_clip <= 1e6, f"--grad-clip must be between 0 (off) and 1e6 (got {self.grad_clip})")
         _require(0 <= self.curriculum <= 1, f"--curriculum must be in [0, 1] (got {self.curriculum})")
-        _require(self.eval_every >= 1, f"--eval-every must be >= 1 (got {self.eval_every})")
-        _require(self.save_every >= 1, f"--save-every must be >= 1 (got {self.save_every})")
-        _require(self.device in ("auto", "cpu", "cuda", "mps"), f"--device must be auto, cpu, cuda or mps (got {self.device!r})")
+        _require(1 <= self.eval_every <= 10_000_000, f"--eval-every must be between 1 and 10000000 (got {self.eval_every})")
+        _require(1 <= self.eval_batches <= MAX_EVAL_BATCHES,
+                 f"eval_batches must be between 1 and {MAX_EVAL_BATCHES} (got {self.eval_batches})")
+        _require(1 <= self.save_every <= 10_000_000, f"--save-every must be between 1 and 10000000 (got {self.save_every})")
+        check_seed(self.seed)
+        check_device(self.device)
+        _require(self.data is None or (self.data != "" and "\0" not in self.data), f"--data must name a file (got {self.data!r})")
         if memory is not None:
             seg = self.effective_segments(memory)
             _require(self.batch_size % seg == 0,
@@ -135,25 +145,55 @@ class TrainConfig:
         return self
 
 
+MAX_SEED = 2**63 - 1
+MAX_EVAL_BATCHES = 1000
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """One rule for every seed (torch, numpy and random all accept 0..2**63-1)."""
+    _require(isinstance(seed, int) and 0 <= seed <= MAX_SEED, f"{flag} must be between 0 and {MAX_SEED} (got {seed})")
+    return seed
+
+
+def check_device(name: str, flag: str = "--device") -> str:
+    """The one spelling rule for devices (availability is checked where a device is used: train.resolve_device)."""
+    ok = name in ("auto", "cpu", "cuda", "mps") or (name.startswith("cuda:") and name[5:].isdigit())
+    _require(ok, f"{flag} must be auto, cpu, cuda, cuda:N or mps (got {name!r})")
+    return name
+
+
 def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
-def model_config_from_dict(d: dict) -> ModelConfig:
+# fields that configs written before they existed may lack, with the value that means the old behaviour
+LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0}}
+
+
+def model_config_from_dict(d: dict, strict: bool = False) -> ModelConfig:
+    """A checked ModelConfig from config.json's "model" section. strict: every field must be present
+    (LEGACY_DEFAULTS aside), as a resumed run must train exactly the model it continues."""
     d = dict(d)
-    mem_d = dict(d.pop("memory", {}))
-    mem_d.setdefault("value_dim", 0)  # configs written before value_dim existed had full-width values
-    mem = MemoryConfig(**_known(MemoryConfig, mem_d))
-    return ModelConfig(**_known(ModelConfig, d), memory=mem).check()
+    if strict and "memory" not in d:
+        raise InputError("model.memory is missing")
+    mem_d = {**LEGACY_DEFAULTS.get(MemoryConfig, {}), **dict(d.pop("memory", {}))}
+    mem = MemoryConfig(**_known(MemoryConfig, mem_d, "model.memory", strict))
+    return ModelConfig(**_known(ModelConfig, d, "model", strict), memory=mem).check()
 
 
-def train_config_from_dict(d: dict) -> TrainConfig:
-    return TrainConfig(**_known(TrainConfig, d))
+def train_config_from_dict(d: dict, strict: bool = False) -> TrainConfig:
+    """A TrainConfig from config.json's "train" section; strict (resume): every field must be present."""
+    return TrainConfig(**_known(TrainConfig, d, "train", strict))
 
 
-def _known(cls, d: dict) -> dict:
+def _known(cls, d: dict, section: str = "", strict: bool = False) -> dict:
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names - {"memory"}
     if unknown:
         raise InputError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
+    if strict:
+        missing = [n for n in sorted(names - set(d) - {"memory"}) if n not in LEGACY_DEFAULTS.get(cls, {})]
+        if missing:
+            raise InputError(f"{section}.{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
+                             + ": the run cannot be continued as it was trained")
     return {k: v for k, v in d.items() if k in names and k != "memory"}

@@ -48,14 +48,15 @@ def test_shapes_with_memory(kind):
     assert out.loss.shape == () and torch.isfinite(out.loss)
     assert out.token_loss.shape == (3, 16)
     state = out.state
-    assert all(v.shape[:2] == (3, 4) for v in state.values())  # (batch, slots, ...) for every state tensor
+    assert all(v.shape[0] == 3 for v in state.values())  # one row per sequence in every state tensor
     if kind == "linformer":
         assert state["slots"].shape == (3, 4, 32)
-    else:
-        assert state["keys"].shape == (3, 4, 8, 16)
-        assert state["valid"].shape == (3, 4, 8) and state["valid"].dtype == torch.bool
-        assert state["importance"].shape == (3, 4)
+    elif kind == "episodic":
+        M = model.cfg.memory.size
+        assert state["keys"].shape == (3, M, 16) and state["bytes"].shape == (3, M)
+        assert state["score"].shape == (3, M) and torch.isfinite(state["score"]).sum(1).eq(8).all()  # entries=8 offered
     assert model.memory.slot_vectors(state).shape == (3, 4, 32)
+    assert model.memory.slot_filled(state).shape == (3, 4)
 
 
 def test_shapes_without_memory():

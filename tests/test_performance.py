@@ -57,7 +57,7 @@ def test_whole_episode_forward_equals_sequential_loop(local, ablated, unknown, b
     with torch.no_grad():  # sharper keys than at initialisation: reads matter, gradients are not tiny
         model.memory.log_scale.fill_(3.0)
     x, y = episodes(b=3, segments=4, n=32, unknown=unknown)
-    assert model.episode_at_once(4, 32)
+    assert (model.episode_path(4, 32) == "batched")
     with model.memory_mode(ablated=ablated):
         ref_loss, ref_parts, ref_grads = loss_and_grads(model, sequential_loss, x, y)
         loss, parts, grads = loss_and_grads(model, episode_loss, x, y)
@@ -100,22 +100,22 @@ def test_whole_episode_reads_what_was_written():
 @pytest.mark.parametrize("memory, ok", [
     (dict(slots=4), True),  # the default: every position kept, no eviction
     (dict(slots=0), True),  # no memory: segments are independent
-    (dict(slots=3), False),  # 4 segments into 3 slots: eviction depends on surprise
+    (dict(slots=4, size=64), False),  # 96 entries before the last segment, 64 kept: retention depends on surprise
     (dict(slots=4, entries=8), False),  # the most surprising 8 positions: depends on the forward pass
     (dict(slots=4, key_bytes=40), False),  # keys reaching two segments back
     (dict(kind="linformer", slots=4), False),  # pooled writes depend on the hidden states
 ])
 def test_whole_episode_only_where_exact(memory, ok):
     model = model_for(**{"key_dim": 16, **memory})
-    assert model.episode_at_once(4, 32) is ok
+    assert (model.episode_path(4, 32) == "batched") is ok
     if model.memory is not None:
         with model.memory_mode(frozen=True):
-            assert not model.episode_at_once(4, 32)
+            assert not (model.episode_path(4, 32) == "batched")
         with model.memory_mode(observe=True):
-            assert not model.episode_at_once(4, 32)
+            assert not (model.episode_path(4, 32) == "batched")
 
 
-@pytest.mark.parametrize("memory", [dict(slots=3), dict(kind="linformer", slots=4)])
+@pytest.mark.parametrize("memory", [dict(slots=4, size=64), dict(kind="linformer", slots=4)])
 def test_sequential_loop_still_used_where_needed(memory):
     model = model_for(**{"key_dim": 16, **memory})
     x, y = episodes(b=2, segments=4, n=32)
@@ -146,8 +146,6 @@ def test_cached_continuation_equals_full_forward(local):
     """A prompt run into the cache, then several bytes at once (as recall@1 does) and then one at a time:
     the logits equal one uncached forward over the whole window; the KV buffers are written in place
     and the memory's cached window keys are the keys of the whole window."""
-    from imm_cli.model import KVCache
-
     model = model_for(block=64, slots=4, key_bytes=8, key_dim=16, local=local).eval()
     g = torch.Generator().manual_seed(7)
     seq = torch.randint(97, 101, (2, 40), generator=g)  # small alphabet: contexts repeat, reads matter
@@ -155,18 +153,15 @@ def test_cached_continuation_equals_full_forward(local):
         model.memory.log_scale.fill_(3.0)
         state = model(torch.randint(97, 101, (2, 32), generator=g)).state
         full = model(seq, state=state, write=False).logits
-        caches = [KVCache() for _ in model.blocks]
-        parts = [model(seq[:, :20], state=state, caches=caches, write=False).logits]
-        buffer = caches[0].k.data_ptr()
-        parts.append(model(seq[:, 20:30], state=state, prev=seq[:, :20], caches=caches, pos_offset=20,
-                           write=False, window=seq[:, :30]).logits)
+        cache = model.new_cache(2)
+        parts = [model.decode(seq[:, :20], cache, state)]
+        buffer = cache.kv[0].k.data_ptr()
+        parts.append(model.decode(seq[:, 20:30], cache, state, prev=seq[:, :20]))
         for t in range(30, 40):
-            parts.append(model(seq[:, t : t + 1], state=state, prev=seq[:, :t], caches=caches, pos_offset=t,
-                               write=False, window=seq[:, : t + 1]).logits)
+            parts.append(model.decode(seq[:, t : t + 1], cache, state, prev=seq[:, :t]))
     torch.testing.assert_close(torch.cat(parts, dim=1), full, rtol=1e-5, atol=1e-5)
-    assert caches[0].k.data_ptr() == buffer and caches[0].t == 40 and caches[0].k.shape[2] == 64
-    mem_cache = caches[model.cfg.memory_layer]
-    torch.testing.assert_close(mem_cache.memory_keys, model.memory.context_keys(Segment(seq, seq[:, :0], seq)))
+    assert cache.kv[0].k.data_ptr() == buffer and cache.t == 40 and cache.kv[0].k.shape[2] == 64
+    torch.testing.assert_close(cache.memory.keys, model.memory.context_keys(Segment(seq, seq[:, :0], seq)))
 
 
 def test_kv_cache_grows_past_its_buffer():
@@ -180,3 +175,28 @@ def test_kv_cache_grows_past_its_buffer():
     assert cache.t == 5 and k.shape == (1, 2, 5, 4)
     torch.testing.assert_close(k, torch.cat([a, b], dim=2))
     torch.testing.assert_close(v, torch.cat([a, -b], dim=2))
+
+
+@pytest.mark.parametrize("gap", [1, 3])
+def test_gap_segments_batched_equal_the_loop(gap):
+    """Gap segments (written, not scored) before the last: the batched path skips them in the
+    transformer, yet the last segment reads their entries exactly as the loop that runs them does."""
+    model = model_for(slots=4, key_bytes=8, key_dim=16, topk=4)
+    with torch.no_grad():
+        model.memory.log_scale.fill_(3.0)
+    x, y = episodes(b=2, segments=4 + gap, n=32)
+    assert model.episode_path(4 + gap, 32) == "batched"
+    outs = {}
+    for batched in (False, True):
+        model.zero_grad(set_to_none=True)
+        out = model.episode(x, y, gap=gap, batched=batched)
+        out.loss.backward()
+        outs[batched] = (out.loss.detach(), out.token_loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()})
+    torch.testing.assert_close(outs[True][0], outs[False][0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(outs[True][1], outs[False][1], rtol=1e-5, atol=1e-5)
+    assert outs[True][1].shape == (2, 4, 32)  # only the scored segments
+    for name, g in outs[False][2].items():
+        torch.testing.assert_close(outs[True][2][name], g, rtol=1e-4, atol=1e-6, msg=name)
+    # the last segment does read across the gap: without it, its loss changes
+    no_gap = model.episode(torch.cat([x[:, :3], x[:, -1:]], 1), torch.cat([y[:, :3], y[:, -1:]], 1))
+    assert not torch.allclose(no_gap.token_loss[:, -1], outs[True][1][:, -1], atol=1e-4)

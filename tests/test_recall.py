@@ -29,16 +29,18 @@ def segment(text: str, prev: str = "") -> Segment:
     return Segment(ids=x, prev=ids(prev) if prev else x[:, :0], targets=targets)
 
 
-def memory(slots: int = 2, local: bool = False) -> EpisodicMemory:
+def memory(slots: int = 2, local: bool = False, size: int = 64, decay: float = 1.0) -> EpisodicMemory:
     torch.manual_seed(0)
-    mem = EpisodicMemory(MemoryConfig(slots=slots, key_bytes=4, key_dim=64, local=local), n_embd=16, block_size=16)
+    mem = EpisodicMemory(MemoryConfig(slots=slots, key_bytes=4, key_dim=64, local=local, size=size, decay=decay),
+                         n_embd=16, block_size=16)
     mem.post_init()
     return mem
 
 
-def write(mem: EpisodicMemory, state, text: str, surprise: float):
+def write(mem: EpisodicMemory, state, text: str, surprise):
     seg = segment(text)
-    return mem.write(torch.zeros(1, seg.ids.shape[1], 16), seg, state, torch.full(seg.ids.shape, surprise))
+    s = surprise if isinstance(surprise, torch.Tensor) else torch.full(seg.ids.shape, float(surprise))
+    return mem.write(torch.zeros(1, seg.ids.shape[1], 16), seg, state, s)
 
 
 def recalled(mem: EpisodicMemory, state, cue: str) -> tuple[int, float]:
@@ -82,27 +84,67 @@ def test_frozen_memory_keeps_its_state():
     assert all(torch.equal(state[k], after[k]) for k in state)
 
 
-def test_eviction_replaces_the_least_important_slot():
-    """Empty slots first; then the slot of lowest importance (mean surprise x decay^age)."""
-    mem = memory(slots=2)
+def test_retention_keeps_the_most_surprising_entries_whatever_their_age():
+    """Budget 16 entries: an old surprising text survives two later unsurprising ones, which
+    compete among themselves; a later more surprising text displaces the weakest entries."""
+    mem = memory(size=16)
     state = mem.init_state(1)
-    state = write(mem, state, "Aaaa bbbb 1111.", surprise=1.0)  # slot 0, importance 1.0
-    state = write(mem, state, "Cccc dddd 2222.", surprise=3.0)  # slot 1 (empty first), importance 3.0
-    assert state["importance"][0].tolist() == pytest.approx([0.9, 3.0])
-    state = write(mem, state, "Eeee ffff 3333.", surprise=2.0)  # evicts slot 0 (0.81 < 2.7)
-    assert state["importance"][0].tolist() == pytest.approx([2.0, 2.7])
-    assert recalled(mem, state, "xx Aaaa b")[1] < 0.2  # evicted
-    assert recalled(mem, state, "xx Cccc d")[0] == ord("d")  # kept
-    assert recalled(mem, state, "xx Eeee f")[0] == ord("f")  # new
+    state = write(mem, state, "Aaaa bbbb 1111.", surprise=5.0)  # 14 known next bytes, all kept
+    state = write(mem, state, "Cccc dddd 2222.", surprise=1.0)  # 2 free entries: 2 of these
+    state = write(mem, state, "Eeee ffff 3333.", surprise=2.0)  # beat the 2 weakest (1.0) only
+    score = state["score"][0]
+    assert torch.isfinite(score).all() and sorted(score.tolist()) == [2.0, 2.0] + [5.0] * 14
+    assert recalled(mem, state, "xx Aaaa b")[0] == ord("b")  # oldest, kept: it was surprising
+    assert recalled(mem, state, "xx Cccc d")[1] < 0.2  # forgotten: least surprising
+    state = write(mem, state, "Gggg hhhh 4444.", surprise=9.0)  # the 14 most surprising of all
+    assert sorted(state["score"][0].tolist()) == [5.0] * 2 + [9.0] * 14
+    assert recalled(mem, state, "xx Gggg h")[0] == ord("h")
+
+
+def test_decay_below_one_lets_age_evict():
+    mem = memory(size=16, decay=0.5)
+    state = write(mem, mem.init_state(1), "Aaaa bbbb 1111.", surprise=5.0)
+    state = write(mem, state, "Cccc dddd 2222.", surprise=3.0)  # 5 x 0.5 = 2.5 < 3: the old text goes
+    assert recalled(mem, state, "xx Cccc d")[0] == ord("d")
+    assert (state["score"][0] == 3.0).sum() == 14
+
+
+def test_retained_entries_stay_where_they_are():
+    """A write only replaces the entries it evicts: the others keep their index (slots stay meaningful)."""
+    mem = memory(size=32)
+    state = write(mem, mem.init_state(1), "Aaaa bbbb 1111.", surprise=5.0)
+    before = state["bytes"].clone()
+    state = write(mem, state, "Cccc dddd 2222.", surprise=1.0)
+    kept = torch.isfinite(state["score"]) & (state["score"] == 5.0)
+    assert torch.equal(state["bytes"][kept], before[kept]) and int(kept.sum()) == 14
+    assert state["born"][0][state["score"][0] == 1.0].eq(1).all()
 
 
 def test_entries_keep_the_most_surprising_positions():
-    mem = EpisodicMemory(MemoryConfig(slots=1, key_bytes=4, entries=3, local=False), n_embd=16, block_size=16)
+    mem = EpisodicMemory(MemoryConfig(slots=1, key_bytes=4, entries=3, local=False, size=8), n_embd=16, block_size=16)
     seg = segment("abcdefgh")
     surprise = torch.tensor([[0.0, 5.0, 0.0, 4.0, 0.0, 0.0, 3.0, 9.0]])  # last has no known next byte
     state = mem.write(torch.zeros(1, 8, 16), seg, mem.init_state(1), surprise)
-    assert sorted(state["bytes"][0, 0].tolist()) == sorted([ord("c"), ord("e"), ord("h")])
-    assert state["valid"].all()
+    valid = torch.isfinite(state["score"][0])
+    assert sorted(state["bytes"][0][valid].tolist()) == sorted([ord("c"), ord("e"), ord("h")])
+    assert int(valid.sum()) == 3
+
+
+def test_topk_read_stays_sharp_among_many_entries():
+    """One true match among thousands of near-misses: the top-k read still carries its byte;
+    the dense read (topk 0) spreads its mass over the crowd."""
+    torch.manual_seed(0)
+    cfgs = {k: MemoryConfig(slots=1, key_bytes=4, key_dim=64, local=False, size=4096, topk=k) for k in (4, 0)}
+    mems = {k: EpisodicMemory(c, n_embd=16, block_size=4096) for k, c in cfgs.items()}
+    mems[0].load_state_dict(mems[4].state_dict())
+    crowd = "".join(f"k{i % 10}{(i // 10) % 10}m" for i in range(1000))  # many contexts sharing bytes with the cue
+    out = {}
+    for k, mem in mems.items():
+        state = write(mem, mem.init_state(1), crowd[:3000] + "Zork", surprise=1.0)
+        state = write(mem, state, "xxZorvak.", surprise=1.0)
+        out[k] = recalled(mem, state, "yyZorv")
+    assert out[4][0] == ord("a") and out[4][1] > 0.5
+    assert out[0][1] < out[4][1]
 
 
 def test_metrics_on_hand_made_cases():

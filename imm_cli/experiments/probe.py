@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from imm_cli.data import encode
 from imm_cli.facts import Fact
 from imm_cli.memory import State
-from imm_cli.model import GPT, KVCache
+from imm_cli.model import GPT
 
 
 def as_ids(texts: list[bytes], device) -> torch.Tensor:
@@ -129,19 +129,16 @@ def recall_at_1(model: GPT, state: State | None, prompts: torch.Tensor, rests: l
     """
     N, P = prompts.shape
     R = max(len(r) for r in rests)
-    caches = [KVCache() for _ in model.blocks]
-    last = model(prompts, state=state, caches=caches, write=False).logits[:, -1]  # predicts rest byte 0
-    for c in caches:
-        c.repeat_interleave(N)
+    cache = model.new_cache(N)
+    last = model.decode(prompts, cache, state)[:, -1]  # predicts rest byte 0
+    cache.repeat_interleave(N)
     rest_ids = torch.zeros((N, R), dtype=torch.long, device=prompts.device)
     lengths = torch.tensor([len(r) for r in rests], device=prompts.device)
     for j, r in enumerate(rests):
         rest_ids[j, : len(r)] = torch.tensor(list(r), dtype=torch.long)
     cand = rest_ids.repeat(N, 1)  # row i*N + j: fact i's prompt, fact j's rest
     big_prompts = prompts.repeat_interleave(N, dim=0)
-    window = torch.cat([big_prompts, cand[:, :-1]], dim=1)
-    logits = model(cand[:, :-1], state=repeat_state(state, N), prev=big_prompts, caches=caches, pos_offset=P,
-                   write=False, window=window).logits
+    logits = model.decode(cand[:, :-1], cache, repeat_state(state, N), prev=big_prompts)
     logits = torch.cat([last.repeat_interleave(N, dim=0)[:, None], logits], dim=1)  # (N*N, R, vocab)
     nll = -torch.log_softmax(logits.float(), -1).gather(-1, cand[..., None]).squeeze(-1)
     mask = torch.arange(R, device=prompts.device)[None, :] < lengths.repeat(N)[:, None]

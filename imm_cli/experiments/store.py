@@ -82,20 +82,17 @@ def make_stream(cfg: dict, block: int, sequences: int, random_tokens: bool, seed
                   f"validation split of {corpus.source}, bytes {start:,}..{start + need - 1:,}")
 
 
-def empty_slot_mask(state: dict, vectors: torch.Tensor) -> torch.Tensor:
-    """(b s) True where a slot holds nothing: no valid entry (episodic) or a ~zero vector."""
-    empty = vectors.norm(dim=-1) < M.EPS
-    if "valid" in state:
-        empty = empty | ~state["valid"].any(dim=-1)
-    return empty
+def empty_slot_mask(mem, state: dict, vectors: torch.Tensor) -> torch.Tensor:
+    """(b s) True where a slot holds nothing: the memory says so (`slot_filled`), or a ~zero vector."""
+    return (vectors.norm(dim=-1) < M.EPS) | ~mem.slot_filled(state).to(vectors.device)
 
 
 def state_nonfinite(state: dict) -> bool:
-    """NaN or inf anywhere in the memory state (an empty episodic slot's importance is -inf by design)."""
-    for k, v in state.items():
+    """NaN or +inf anywhere in the memory state (-inf marks an empty episodic entry's score by design)."""
+    for v in state.values():
         if not v.is_floating_point():
             continue
-        bad = bool(torch.isnan(v).any() or torch.isposinf(v).any()) if k == "importance" else not bool(torch.isfinite(v).all())
+        bad = bool(torch.isnan(v).any() or torch.isposinf(v).any())
         if bad:
             return True
     return False
@@ -191,7 +188,7 @@ def pattern_storage(run_dir: Path, sequences: int = 50, random_tokens: bool = Fa
     init_state = model.init_state(1)
     with torch.no_grad():
         init_vecs = mem.slot_vectors(init_state)[0]
-        init_vecs = init_vecs.masked_fill(empty_slot_mask(init_state, init_vecs[None])[0, :, None], 0.0).numpy()
+        init_vecs = init_vecs.masked_fill(empty_slot_mask(mem, init_state, init_vecs[None])[0, :, None], 0.0).numpy()
 
     s, s_std, best, empty, offdiag = (np.full(T, np.nan) for _ in range(5))
     ctrl_init, ctrl_rand = np.full(T, np.nan), np.full(T, np.nan)
@@ -203,7 +200,7 @@ def pattern_storage(run_dir: Path, sequences: int = 50, random_tokens: bool = Fa
         m_t = hidden.double().mean(0).numpy()
         with torch.no_grad():
             vecs = mem.slot_vectors(state)
-            is_empty = empty_slot_mask(state, vecs)[0]
+            is_empty = empty_slot_mask(mem, state, vecs)[0]
             vecs = vecs[0].masked_fill(is_empty[:, None], 0.0).double().numpy()
         d = vecs.shape[-1]
         bad = [name for name, ok in (("logits", torch.isfinite(logits).all()), ("hidden states", torch.isfinite(hidden).all()),

@@ -1,9 +1,27 @@
 """The small interface every memory implements, so the GPT never needs to know which one it hosts.
 
-A memory lives in one block. Its *parameters* are learned; its *state* (a dict of tensors, one entry
+A memory lives in one block. Its *parameters* are learned; its *state* (a dict of tensors, one row
 per sequence of the batch) is created by `init_state`, changed by `write` after each segment, and
-carried by the caller from segment to segment. Three switches serve the experiments:
+carried by the caller from segment to segment.
 
+A new memory implements four methods and is registered with one line in `memory/__init__.py`:
+
+    init_state(batch, device) -> State           a fresh (reset) state
+    read(h, seg, state)       -> (b n d)         the gated update for the residual stream
+    _write(h, seg, state, surprise) -> State     a new state holding the segment (never in place)
+    slot_vectors(state)       -> (b s d)         one vector per slot, for the pattern-storage test
+
+Everything else has a correct default that a memory may override for speed or analysis:
+
+    read_step(h, seg, state, cache)   decoding one or a few bytes at a time (default: `read`)
+    new_cache(batch)                  what `read_step` keeps between calls (default: nothing)
+    episode_reader(segments, n)       whether `read_episode` can read a fresh episode in one call
+    read_episode(h, stream, starts, n) exactly what the sequential loop would read (no default:
+                                      without it the model runs the loop, which is always exact)
+    slot_filled(state)                which slots hold something (default: all)
+    no_weight_decay()                 parameter names AdamW must not decay (default: none)
+
+Three switches serve the experiments:
 - frozen:  `write` returns the state unchanged (updates off, e.g. while testing recall);
 - ablated: the block skips `read` entirely, so logits equal the read-free path exactly;
 - observe: `read`/`write` append what they attended to (and the gate) to `observed`.
@@ -12,10 +30,11 @@ carried by the caller from segment to segment. Three switches serve the experime
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from imm_cli.config import MemoryConfig
 
 State = dict[str, Tensor]
 
@@ -24,55 +43,71 @@ PAD = 256  # byte id used for "no byte here" (before the start of a stream, unkn
 
 @dataclass
 class Segment:
-    """What a memory may look at besides the hidden states of one segment."""
+    """What a memory may look at besides the hidden states: the bytes of the positions it reads or writes."""
 
-    ids: Tensor  # (b n) the segment's bytes
-    prev: Tensor  # (b p) bytes just before the segment in the same stream (p may be 0)
+    ids: Tensor  # (b n) the bytes at these positions
+    prev: Tensor  # (b p) bytes just before them in the same stream (p may be 0)
     targets: Tensor  # (b n) the next byte after each position, -1 where unknown
-    window: Tensor | None = None  # (b w) incremental generation: the whole window so far, ending with ids
-    window_prev: Tensor | None = None  # (b p) bytes before the window
-    episode: int = 0  # whole-episode forward: ids/targets are (b*episode n), the episode's segments in order
-    cache: Any = None  # incremental generation: the memory layer's KVCache (memory_keys: the window's keys so far)
 
 
 class Memory(nn.Module):
-    """Base class: read, write, reset (init_state), freeze, ablate, observe."""
+    """Base class: the interface above, the three switches, and the read gate's initialisation."""
 
-    def __init__(self) -> None:
+    def __init__(self, cfg: MemoryConfig, n_embd: int) -> None:
         super().__init__()
+        self.cfg = cfg  # this memory's settings (slots, sizes, temperature, ...)
+        self.n_embd = n_embd  # width of the hidden states it reads and writes
         self.frozen = False
         self.ablated = False
         self.observe = False
         self.observed: list[dict[str, Tensor]] = []
 
-    # --- the interface -------------------------------------------------------------------------
+    # --- required ------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:
         """A fresh (reset) state for `batch` sequences."""
         raise NotImplementedError
 
     def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
-        """(b n d) normalised hidden states -> (b n d) gated update for the residual stream."""
+        """(b n d) normalised hidden states of one segment -> (b n d) gated update for the residual stream."""
         raise NotImplementedError
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
         raise NotImplementedError
 
-    def episode_at_once(self, segments: int, n: int) -> bool:
-        """Whether a fresh episode of `segments` segments of n bytes can run as one batched forward.
-
-        True only where every read can be computed without the forward passes of earlier segments
-        (so `read_episode` gives the sequential path's result exactly); False sends training back to
-        the segment-by-segment loop.
-        """
-        return False
-
-    def read_episode(self, h: Tensor, seg: Segment) -> Tensor:
-        """`read` for every segment of fresh episodes at once (seg.episode segments per episode)."""
-        raise NotImplementedError
-
     def slot_vectors(self, state: State) -> Tensor:
         """(b s d): one vector per slot, what the pattern-storage test compares with hidden states."""
         raise NotImplementedError
+
+    # --- optional, with correct defaults -------------------------------------------------------
+    def new_cache(self, batch: int) -> object | None:
+        """What `read_step` keeps from one decoding call to the next (None: nothing)."""
+        return None
+
+    def read_step(self, h: Tensor, seg: Segment, state: State, cache: object | None) -> Tensor:
+        """Decoding: the read of a few new positions that continue the cached ones (default: `read`,
+        exact for every memory whose read of a position depends only on it and the state)."""
+        return self.read(h, seg, state)
+
+    def episode_reader(self, segments: int, n: int) -> bool:
+        """Whether `read_episode` can read the segments of a fresh episode of `segments` segments of n
+        bytes at once, exactly as the sequential loop would. False (the default) makes the model run
+        that loop instead."""
+        return False
+
+    def read_episode(self, h: Tensor, stream: Segment, starts: list[int], n: int) -> Tensor:
+        """`read` of several segments of fresh episodes at once. stream: the whole episodes (b L) with
+        their targets; h (b*len(starts) n d): the hidden states of the n-byte segments that begin at
+        `starts` (episode-major), each reading what the loop would have written before it."""
+        raise NotImplementedError(f"{type(self).__name__} has no whole-episode read")
+
+    def slot_filled(self, state: State) -> Tensor:
+        """(b s) bool: which slots hold something (an empty slot is left out of slot statistics)."""
+        b = next(iter(state.values())).shape[0]
+        return torch.ones(b, self.cfg.slots, dtype=torch.bool)
+
+    def no_weight_decay(self) -> set[str]:
+        """Names (relative to this module) of matrices that AdamW must not decay (e.g. lookup tables)."""
+        return set()
 
     # --- shared behaviour ----------------------------------------------------------------------
     def post_init(self) -> None:

@@ -1,19 +1,28 @@
-"""EpisodicMemory: S slots of exact key/value entries, written once, recalled by context.
+"""EpisodicMemory: a budget of exact key/value entries, kept by surprise, recalled by context.
 
-Each write takes one segment and keeps up to `entries` of its positions as separate entries
-(all of them by default; with fewer, the most surprising first):
-  key   = the `key_bytes` bytes ending at position i, as a learned n-gram embedding;
-  value = the byte that followed position i (stored as its id, read through a learned embedding).
-The entries go into one slot: an empty one first, else the slot of lowest importance (mean
-surprise of its entries, multiplied by `decay` at each later write, so old and unsurprising
-segments are replaced first).
+State: up to `size` entries per sequence (the budget). Each write takes one segment and offers up
+to `entries` of its positions (all by default), most surprising first:
+  key   = the `key_bytes` bytes ending at position i, as a learned n-gram embedding (unit vector);
+  value = the byte that followed position i (stored as its id, read through a learned embedding);
+  score = the model's loss on that byte when it was written (its surprise, in nats).
+Retention is per entry: an offered entry replaces the lowest-scored stored entry when it scores
+higher, so the memory always holds the `size` most surprising entries it was offered (scores
+multiplied by `decay` at each write; 1.0, the default, means age alone never evicts anything).
+Ordinary text the model predicts well is forgotten first; a fact's bytes, which no model can
+predict, are kept however long ago they were written.
 
-Reading is attention of each position's own n-gram query over every stored entry (cosine scores,
-learned temperature) plus a learned "nothing matches" option, so a fresh memory reads exactly
-zero. With `local`, a position also reads the entries of its own segment's earlier positions (the
-same lookup for a fact still inside the window). When a cue repeats a stored context, the read
-carries the byte that followed it; once that byte is produced, the next context matches the next
-entry, and so on through the fact.
+Reading: each position's own n-gram query is scored (cosine, learned temperature) against every
+stored entry; only the `topk` best-matching entries enter the softmax, beside a learned "nothing
+matches" option (so a fresh memory reads exactly zero). Top-k keeps the read as sharp with 65,536
+entries as with 512: without it the softmax mass of thousands of near-misses drowns the one true
+match (Memorizing Transformers, Wu et al. 2022, retrieve top-k for the same reason). With
+`local`, a position also reads its own segment's earlier positions (the same lookup for a fact
+still inside the window). When a cue repeats a stored context, the read carries the byte that
+followed it; once that byte is produced, the next context matches the next entry, and so on.
+
+Slots: the budget is cut into `slots` equal regions of the entry buffer (slot j holds entries
+j*size/slots .. (j+1)*size/slots - 1). A slot is where entries live, not a unit of writing: the
+usage analysis reports how reads and writes spread over these regions.
 
 Why not pooled averages (LinformerMemory): averaging a segment into S vectors blurs one fact among
 a hundred bytes of other text; a fact seen once is only recoverable if its bytes are kept apart.
@@ -22,21 +31,34 @@ a hundred bytes of other text; a fact seen once is only recoverable if its bytes
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from einops import rearrange
 from torch import Tensor, nn
 
 from imm_cli.config import MemoryConfig
 from imm_cli.memory.base import PAD, Memory, Segment, State
 
+READ_CHUNK = 8192  # stored entries scored per matmul when taking the top-k (bounds memory at 65K entries)
+
+
+@dataclass
+class EpisodicCache:
+    """Decoding: the n-gram keys and bytes of the window so far (the local entries), so a step computes one key."""
+
+    keys: Tensor | None = None  # (b w dk)
+    bytes: Tensor | None = None  # (b w)
+
+    def repeat_interleave(self, r: int) -> None:
+        self.keys, self.bytes = self.keys.repeat_interleave(r, dim=0), self.bytes.repeat_interleave(r, dim=0)
+
 
 class EpisodicMemory(Memory):
-    def __init__(self, cfg: MemoryConfig, n_embd: int, bias: bool = False, block_size: int = 128) -> None:
-        super().__init__()
-        self.cfg = cfg
-        self.entries = cfg.entries or block_size  # 0 = keep every position of a written segment
+    def __init__(self, cfg: MemoryConfig, n_embd: int, block_size: int = 128, bias: bool = False) -> None:
+        super().__init__(cfg, n_embd)
+        self.size = cfg.size  # the budget in entries
+        self.per_write = cfg.entries or block_size  # 0 = offer every position of a written segment
         K, dk = cfg.key_bytes, cfg.key_dim
         # one byte table per offset (0 = the current byte): the sum is an n-gram embedding;
         # recent bytes start with larger weight so a near-miss context scores below an exact one
@@ -48,6 +70,9 @@ class EpisodicMemory(Memory):
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.read_temp)))  # learned 1/temperature
         self.null_cos = nn.Parameter(torch.tensor(0.6))  # below this cosine a stored entry loses to "nothing"
         self.gate = nn.Linear(n_embd, 1)
+
+    def no_weight_decay(self) -> set[str]:
+        return {"key_emb"}  # a lookup table: decay would pull rare bytes' keys towards zero
 
     # --- keys ----------------------------------------------------------------------------------
     def context_keys(self, seg: Segment) -> Tensor:
@@ -72,170 +97,180 @@ class EpisodicMemory(Memory):
             emb = F.embedding_bag(idx, table, mode="sum")
         return F.normalize(emb.view(b, n, -1), dim=-1)
 
-    # --- interface -----------------------------------------------------------------------------
+    # --- state ---------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:
-        S, E, dk = self.cfg.slots, self.entries, self.cfg.key_dim
+        M, dk = self.size, self.cfg.key_dim
         return {
-            "keys": torch.zeros(batch, S, E, dk, device=device),
-            "bytes": torch.full((batch, S, E), PAD, dtype=torch.long, device=device),
-            "valid": torch.zeros(batch, S, E, dtype=torch.bool, device=device),
-            "importance": torch.full((batch, S), -math.inf, device=device),
+            "keys": torch.zeros(batch, M, dk, device=device),
+            "bytes": torch.full((batch, M), PAD, dtype=torch.long, device=device),
+            "score": torch.full((batch, M), -math.inf, device=device),  # retention score; -inf = empty
+            "born": torch.zeros(batch, M, dtype=torch.long, device=device),  # the write that stored the entry
+            "writes": torch.zeros(batch, dtype=torch.long, device=device),  # writes so far
         }
 
-    def lookup(self, seg: Segment, state: State) -> tuple[Tensor, Tensor]:
-        """Attention of each position over the stored entries (and its own segment's, with `local`).
+    def slot_of_entries(self, device=None) -> Tensor:
+        """(size) the slot (region of the buffer) each entry index belongs to."""
+        return torch.arange(self.size, device=device) * self.cfg.slots // self.size
 
-        Returns (per_byte (b n 257): attention mass summed per stored next-byte id, attn (b n m+w-1)
-        over the m stored entries then, with `local`, the window's positions but its last).
-        The "nothing matches" share is what is missing from 1 in per_byte's sum.
+    def slot_filled(self, state: State) -> Tensor:
+        valid = torch.isfinite(state["score"]).float()  # (b M)
+        per_slot = torch.zeros(valid.shape[0], self.cfg.slots, device=valid.device)
+        per_slot.index_add_(1, self.slot_of_entries(valid.device), valid)
+        return per_slot > 0
+
+    # --- reading -------------------------------------------------------------------------------
+    def _stored_topk(self, q: Tensor, state: State) -> tuple[Tensor, Tensor]:
+        """Scores (b n k) and indices (b n k) of the `topk` best-matching stored entries of each query."""
+        keys, valid = state["keys"], torch.isfinite(state["score"])
+        M = keys.shape[1]
+        k = min(self.cfg.topk or M, M)
+        if k == 0:  # nothing stored yet (the first segment of a whole-episode read)
+            return q.new_zeros(*q.shape[:2], 0), torch.zeros(*q.shape[:2], 0, dtype=torch.long, device=q.device)
+        best_s, best_i = [], []
+        for c in range(0, M, READ_CHUNK):
+            s = torch.bmm(q, keys[:, c:c + READ_CHUNK].transpose(1, 2))
+            s = s.masked_fill(~valid[:, None, c:c + READ_CHUNK], -math.inf)
+            if k < s.shape[-1]:
+                s, i = s.topk(k, dim=-1)
+            else:
+                i = torch.arange(s.shape[-1], device=s.device).expand_as(s)
+            best_s.append(s)
+            best_i.append(i + c)
+        s, i = torch.cat(best_s, -1), torch.cat(best_i, -1)
+        if s.shape[-1] > k:  # several chunks: the best k of their winners
+            s, j = s.topk(k, dim=-1)
+            i = i.gather(-1, j)
+        return s, i
+
+    def _attend(self, q_keys: Tensor, win_keys: Tensor, win_bytes: Tensor, state: State) -> tuple[Tensor, dict]:
+        """The read's attention for n queries, the last n positions of a window of w positions.
+
+        Stored entries: the top-k of the state. Local entries: window position j (its context ->
+        the byte after it, win_bytes[j+1]) is readable by a query at window position i once j < i.
+        Returns per_byte (b n 257), the attention mass summed per carried byte id (the "nothing
+        matches" share is what is missing from 1), and the parts for observation.
         """
-        n = seg.ids.shape[1]
-        window, window_prev = (seg.ids, seg.prev) if seg.window is None else (seg.window, seg.window_prev)
-        b, w = window.shape
-        if seg.cache is not None:  # incremental: the earlier window positions' keys are cached
-            new = self._ngram(seg.ids, seg.prev)
-            cached = seg.cache.memory_keys
-            kw = new if cached is None or w == n else torch.cat([cached, new], dim=1)
-            seg.cache.memory_keys = kw
-        else:
-            kw = self._ngram(window, window_prev)  # (b w k): the context ending at each window position
+        b, n, _ = q_keys.shape
+        w = win_keys.shape[1]
         scale = self.log_scale.exp()
-        q = kw[:, w - n :] * scale  # (b n k)
-        keys = state["keys"].flatten(1, 2)  # (b m k), m = slots x entries
-        valid = state["valid"].flatten(1)[:, None, :]  # (b 1 m)
-        scores = [torch.bmm(q, keys.transpose(1, 2)).masked_fill(~valid, -math.inf)]
-        ids = [state["bytes"].flatten(1)]
+        q = q_keys * scale
+        st_scores, st_idx = self._stored_topk(q, state)
+        scores, ids = [st_scores], [state["bytes"].gather(1, st_idx.flatten(1)).view_as(st_idx)]
         if self.cfg.local and w > 1:
-            # this segment's own entries: position j's context -> byte j+1, readable once j+1 <= i
-            # (the window's last position is nobody's entry yet, so it is left out)
-            local = torch.bmm(q, kw[:, : w - 1].transpose(1, 2))  # (b n w-1)
-            if n > 1:
-                seen = torch.ones(n, w - 1, dtype=torch.bool, device=window.device).tril(w - n - 1)
-                local = local.masked_fill(~seen, -math.inf)
-            scores.append(local)
-            ids.append(window[:, 1:])
+            local = torch.bmm(q, win_keys[:, : w - 1].transpose(1, 2))  # (b n w-1)
+            seen = torch.ones(n, w - 1, dtype=torch.bool, device=q.device).tril(w - n - 1)
+            scores.append(local.masked_fill(~seen, -math.inf))
+            ids.append(win_bytes[:, None, 1:].expand(b, n, w - 1))
         scores.append((scale * self.null_cos).expand(b, n, 1))
-        attn = torch.softmax(torch.cat(scores, dim=-1), dim=-1)[..., :-1]  # (b n m+w-1), "nothing" dropped
-        # values depend only on the stored byte: sum attention per byte id, then one small matmul
+        attn = torch.softmax(torch.cat(scores, dim=-1), dim=-1)[..., :-1]  # "nothing" dropped
         per_byte = torch.zeros(b, n, PAD + 1, device=attn.device, dtype=attn.dtype)
-        per_byte.scatter_add_(2, torch.cat(ids, dim=1)[:, None, :].expand(b, n, -1), attn)
-        return per_byte, attn
+        per_byte.scatter_add_(2, torch.cat(ids, dim=-1), attn)
+        k = st_scores.shape[-1]
+        return per_byte, {"stored_attn": attn[..., :k], "stored_idx": st_idx, "local_attn": attn[..., k:].sum(-1)}
 
-    def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
-        per_byte, attn = self.lookup(seg, state)
-        read = self.out(per_byte @ self.value_emb.weight)
+    def _gated(self, h: Tensor, per_byte: Tensor, parts: dict) -> Tensor:
+        values, w = self.value_emb.weight, self.out.weight  # (257 dv), (d dv)
+        if values.shape[1] >= w.shape[0]:  # values as wide as the stream: project the 257 rows, then mix
+            read = per_byte @ (values @ w.t()) + (0 if self.out.bias is None else self.out.bias)
+        else:  # narrow values: mix them, then project
+            read = self.out(per_byte @ values)
         gate = torch.sigmoid(self.gate(h))
         if self.observe:
-            S, E = self.cfg.slots, self.entries
-            m = S * E
-            self._record(read_attn=rearrange(attn[..., :m], "b n (s e) -> b n s e", s=S, e=E).sum(-1),
-                         local_attn=attn[..., m:].sum(-1), gate=gate.squeeze(-1))
+            slot = self.slot_of_entries(h.device)[parts["stored_idx"]]  # (b n k)
+            per_slot = torch.zeros(*slot.shape[:2], self.cfg.slots, device=h.device)
+            per_slot.scatter_add_(2, slot, parts["stored_attn"])
+            self._record(read_attn=per_slot, local_attn=parts["local_attn"], gate=gate.squeeze(-1))
         return gate * read
 
+    def lookup(self, seg: Segment, state: State) -> tuple[Tensor, dict]:
+        """The attention of one segment's positions (see `_attend`)."""
+        kw = self._ngram(seg.ids, seg.prev)
+        return self._attend(kw, kw, seg.ids, state)
+
+    def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
+        per_byte, parts = self.lookup(seg, state)
+        return self._gated(h, per_byte, parts)
+
+    def new_cache(self, batch: int) -> EpisodicCache:
+        return EpisodicCache()
+
+    def read_step(self, h: Tensor, seg: Segment, state: State, cache: EpisodicCache | None) -> Tensor:
+        """Decoding: the new positions' keys are appended to the window's cached keys (one n-gram per byte)."""
+        if cache is None:
+            return self.read(h, seg, state)
+        new = self._ngram(seg.ids, seg.prev)
+        cache.keys = new if cache.keys is None else torch.cat([cache.keys, new], dim=1)
+        cache.bytes = seg.ids if cache.bytes is None else torch.cat([cache.bytes, seg.ids], dim=1)
+        per_byte, parts = self._attend(new, cache.keys, cache.bytes, state)
+        return self._gated(h, per_byte, parts)
+
     # --- a whole episode at once (training) ----------------------------------------------------
-    def episode_at_once(self, segments: int, n: int) -> bool:
-        """With every position kept and no slot ever evicted, what segment s reads is fixed by the bytes.
+    def episode_reader(self, segments: int, n: int) -> bool:
+        """With every position offered and nothing evicted, what a segment reads is fixed by the bytes.
 
-        Then segment s's state holds exactly the entries of segments 0..s-1 (key: the n-gram at each
-        position, value: its next byte, valid where the target is known); surprise only orders the
-        entries and sets slot importance, which matters for eviction alone. So all segments can read
-        in one batched call. Conditions: every position kept (entries >= n), no eviction
-        (segments <= slots), keys reach back no further than the previous segment (key_bytes - 1 <= n),
-        and neither frozen nor observed.
+        Then the state before segment s holds exactly the entries of segments 0..s-1 (key: the n-gram
+        at each position, value: its target, valid where known); surprise only decides retention,
+        which never acts while the episode fits the budget. Conditions: every position offered
+        (entries >= n), no eviction ((segments - 1) * n <= size), keys reach back no further than the
+        previous segment (key_bytes - 1 <= n), and neither frozen nor observed.
         """
-        return (not self.frozen and not self.observe and segments <= self.cfg.slots
-                and self.entries >= n and self.cfg.key_bytes - 1 <= n)
+        return (not self.frozen and not self.observe and self.per_write >= n
+                and (segments - 1) * n <= self.size and self.cfg.key_bytes - 1 <= n)
 
-    def read_episode(self, h: Tensor, seg: Segment) -> Tensor:
-        """`read` of every segment of fresh episodes; h, seg.ids, seg.targets are (b*S n ...), S = seg.episode.
+    def read_episode(self, h: Tensor, stream: Segment, starts: list[int], n: int) -> Tensor:
+        """`read` of the n-byte segments beginning at `starts` of whole fresh episodes (b L).
 
-        Query t in segment s reads position p of an earlier segment as a stored entry (p's n-gram ->
-        its target, if known), p < t of its own segment as a local entry (-> the byte after p), and the
-        "nothing matches" option (key 0); the same set of scores the sequential path gives (only their
-        order, hence float rounding, differs). Since targets are the next bytes (or -1, unknown), the
-        byte an entry carries depends on p alone: the next byte of the stream inside a segment, the
-        target at a segment's last position. So the read is a matmul of the attention with those
-        bytes' values. Segment s only ever sees positions before (s+1)*n, so its queries are scored
-        against that prefix alone (a loop over the few segments, not over positions).
+        A segment's stored entries are the known positions before it (-> their targets), its local
+        entries its own earlier positions (-> the next byte): the same scores, top-k and softmax as
+        the sequential path (only float rounding differs). Each segment is scored against the prefix
+        it can see alone; positions between read segments (a gap) are stored entries like any other.
         """
-        S = seg.episode
-        bs, n = seg.ids.shape
-        b, L = bs // S, S * n
-        stream = seg.ids.reshape(b, L)
-        targets = seg.targets.reshape(b, L)
-        kw = self._ngram(stream, stream[:, :0])  # (b L k): each segment's prev is the previous segment
-        scale = self.log_scale.exp()
-        # "nothing matches" as key 0, with an extra dimension holding null_cos for queries, 1 for the
-        # null key and 0 for entries: one bmm gives every score, no (b t p) concatenation or rescale
-        q = torch.cat([kw, self.null_cos.expand(b, L, 1)], dim=-1) * scale  # (b L k+1)
-        null_key = F.pad(kw.new_ones(b, 1, 1), (kw.shape[-1], 0))
-        keys = torch.cat([null_key, F.pad(kw, (0, 1))], dim=1)  # (b 1+L k+1)
-
-        last = torch.arange(L, device=stream.device) % n == n - 1
-        nxt = F.pad(stream[:, 1:], (0, 1), value=PAD)
-        byte = torch.where(last, targets.masked_fill(targets < 0, PAD), nxt)  # (b L): what entry p carries
-        # out(mix of values) = mix of out(values): project the 257 value rows first when that is the
-        # cheaper side (values as wide as the stream), else mix the narrow values and project after
-        fold = self.value_emb.weight.shape[1] >= self.out.out_features
-        values = self.value_emb.weight @ self.out.weight.t() if fold else self.value_emb.weight  # (257 d) or (257 dv)
-        entry_values = torch.cat([values.new_zeros(b, 1, values.shape[1]), F.embedding(byte, values)], dim=1)
-
-        known = targets >= 0
-        local = torch.ones(n, n, dtype=torch.bool, device=stream.device).tril(-1)  # p < t, same segment
-        if not self.cfg.local:
-            local = torch.zeros_like(local)
+        ids, targets = stream.ids, stream.targets
+        kw = self._ngram(ids, stream.prev)  # (b L k): every position's context within its episode
+        stored = {"keys": kw, "bytes": targets.masked_fill(targets < 0, PAD),
+                  "score": torch.zeros(targets.shape, device=kw.device).masked_fill(targets < 0, -math.inf)}
         reads = []
-        for s in range(S):  # segment s sees "nothing" and positions 0..(s+1)n-1 only: skip the masked rest
-            lo, hi = s * n, (s + 1) * n
-            scores = torch.bmm(q[:, lo:hi], keys[:, : hi + 1].transpose(1, 2))  # (b t p), p = 0 is "nothing"
-            allowed = torch.cat([known.new_ones(b, n, 1), known[:, None, :lo].expand(b, n, lo),
-                                 local.expand(b, n, n)], dim=-1)
-            attn = torch.softmax(scores.masked_fill(~allowed, -math.inf), dim=-1)
-            reads.append(torch.bmm(attn, entry_values[:, : hi + 1]))  # "nothing" carries zeros
-        read = torch.cat(reads, dim=1)
-        if not fold:
-            read = self.out(read)  # (b L dv) -> (b L d)
-        elif self.out.bias is not None:
-            read = read + self.out.bias
-        gate = torch.sigmoid(self.gate(h))
-        return gate * read.reshape(bs, n, -1)
+        for lo in starts:
+            prefix = {k: v[:, :lo] for k, v in stored.items()}
+            reads.append(self._attend(kw[:, lo:lo + n], kw[:, lo:lo + n], ids[:, lo:lo + n], prefix)[0])
+        per_byte = torch.stack(reads, dim=1).reshape(-1, n, PAD + 1)  # episode-major, as h
+        return self._gated(h, per_byte, {})
 
+    # --- writing -------------------------------------------------------------------------------
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
         b, n = seg.ids.shape
-        S, E = self.cfg.slots, self.entries
-        known = seg.targets >= 0
-        score = surprise.masked_fill(~known, -math.inf)
-        k = min(E, n)
-        top, idx = score.topk(k, dim=1)  # (b k): the positions the model failed to predict most
-        keys = torch.gather(self.context_keys(seg), 1, idx[..., None].expand(-1, -1, self.cfg.key_dim))
-        valid = torch.isfinite(top)
-        nxt = torch.gather(seg.targets, 1, idx).masked_fill(~valid, PAD)
-        top = top.masked_fill(~valid, 0.0)
-        if k < E:  # a segment shorter than a slot: pad with invalid entries
-            keys = F.pad(keys, (0, 0, 0, E - k))
-            nxt = F.pad(nxt, (0, E - k), value=PAD)
-            valid = F.pad(valid, (0, E - k), value=False)
-        count = valid.sum(1)
-        importance_new = (top.sum(1) / count.clamp(min=1)).masked_fill(count == 0, -math.inf)
-
-        aged = state["importance"] * self.cfg.decay  # -inf stays -inf: empty slots are taken first
-        slot = aged.argmin(dim=1)  # (b)
-        chosen = F.one_hot(slot, S).bool()  # (b s)
-        self._record(write_slot=chosen.float(), write_positions=idx.float())
-        sel = chosen[:, :, None]
-        return {
-            "keys": torch.where(sel[..., None], keys[:, None], state["keys"]),
-            "bytes": torch.where(sel, nxt[:, None], state["bytes"]),
-            "valid": torch.where(sel, valid[:, None], state["valid"]),
-            "importance": torch.where(chosen, importance_new[:, None], aged),
-        }
+        M, dk = self.size, self.cfg.key_dim
+        score = surprise.masked_fill(seg.targets < 0, -math.inf)
+        k = min(self.per_write, n, M)
+        new_score, pos = score.topk(k, dim=1)  # (b k) offered entries, most surprising first
+        new_keys = self.context_keys(seg).gather(1, pos[..., None].expand(-1, -1, dk))
+        new_bytes = seg.targets.gather(1, pos)
+        old_score = state["score"] * self.cfg.decay  # -inf (empty) stays -inf
+        low_score, slot = old_score.topk(k, dim=1, largest=False)  # (b k) the weakest stored, weakest first
+        # the i-th strongest offer replaces the i-th weakest stored entry while it scores higher:
+        # afterwards the memory holds the `size` best of old and offered entries, positions stable
+        take = new_score > low_score
+        e = slot[..., None].expand(-1, -1, dk)
+        keys = state["keys"].scatter(1, e, torch.where(take[..., None], new_keys, state["keys"].gather(1, e)))
+        nxt = state["bytes"].scatter(1, slot, torch.where(take, new_bytes, state["bytes"].gather(1, slot)))
+        kept = old_score.scatter(1, slot, torch.where(take, new_score, low_score))
+        born = state["born"].scatter(1, slot, torch.where(take, state["writes"][:, None], state["born"].gather(1, slot)))
+        if self.observe:
+            per_slot = torch.zeros(b, self.cfg.slots, device=take.device)
+            per_slot.scatter_add_(1, self.slot_of_entries(take.device)[slot], take.float())
+            self._record(write_slot=per_slot / per_slot.sum(1, keepdim=True).clamp(min=1),
+                         written=take.float().sum(1))
+        return {"keys": keys, "bytes": nxt, "score": kept, "born": born, "writes": state["writes"] + 1}
 
     def slot_vectors(self, state: State) -> Tensor:
-        """Mean stored value of each slot, mapped like a read (zeros for an empty slot)."""
-        valid = state["valid"].float()[..., None]
-        values = self.value_emb(state["bytes"])
-        mean = (values * valid).sum(2) / valid.sum(2).clamp(min=1)
-        return self.out(mean)
+        """Mean stored value of each slot's entries, mapped like a read (zeros for an empty slot)."""
+        valid = torch.isfinite(state["score"]).float()[..., None]  # (b M 1)
+        values = self.value_emb(state["bytes"]) * valid
+        b = values.shape[0]
+        slot = self.slot_of_entries(values.device)
+        total = torch.zeros(b, self.cfg.slots, values.shape[-1], device=values.device).index_add_(1, slot, values)
+        count = torch.zeros(b, self.cfg.slots, 1, device=values.device).index_add_(1, slot, valid)
+        return self.out(total / count.clamp(min=1))
 
 
 class _NGramBag(torch.autograd.Function):

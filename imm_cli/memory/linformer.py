@@ -19,19 +19,16 @@ from imm_cli.memory.base import Memory, Segment, State
 
 
 class LinformerMemory(Memory):
-    def __init__(self, cfg: MemoryConfig, n_embd: int, bias: bool = False) -> None:
-        super().__init__()
+    def __init__(self, cfg: MemoryConfig, n_embd: int, block_size: int = 128, bias: bool = False) -> None:
+        super().__init__(cfg, n_embd)
         d = n_embd
-        self.cfg = cfg
         self.temp = cfg.read_temp
         self.init_slots = nn.Parameter(torch.randn(cfg.slots, d) * 0.02)  # learned initial state
         self.q = nn.Linear(d, d, bias=bias)  # read queries
         self.k = nn.Linear(d, d, bias=bias)  # write keys: how strongly each token feeds each slot
         self.v = nn.Linear(d, d, bias=bias)  # write values: the content merged into the slots
         self.out = nn.Linear(d, d, bias=bias)
-        self.gate = nn.Linear(d, 1)
-        nn.init.zeros_(self.gate.weight)
-        nn.init.constant_(self.gate.bias, cfg.gate_bias)  # start open so the read path gets gradient
+        self.gate = nn.Linear(d, 1)  # starts open (post_init) so the read path gets gradient
 
     def _normalise(self, x: Tensor) -> Tensor:
         if self.cfg.norm == "l2":
