@@ -379,7 +379,7 @@ def rows_table(src: str, path: list, rows: list[dict], keypath=None) -> str:
         for k, _ in fr:
             if k not in cols:
                 cols.append(k)
-    head = "".join(f"<th{row_class(k[0]) if len(k) > 1 else ''}>{esc(': '.join(cond_label(p) for p in k))}</th>" for k in cols)
+    head = "".join(f"<th>{esc(': '.join(label(p) for p in k))}</th>" for k in cols)
     body = []
     for i, fr in enumerate(flat):
         m = dict(fr)
