@@ -314,13 +314,13 @@ class StepTimer:
 
 def paired_rounds(contenders: dict[str, Callable[[], float]], seconds: float, steps: int = 2,
                   min_rounds: int = 3, warmup: int = 2) -> dict[str, list[float]]:
-    """Time contenders in alternating rounds (order rotating) until `seconds` are spent (at least
-    `min_rounds`); returns each contender's per-round median step time in seconds."""
+    """Time contenders in alternating rounds (order rotating) until `seconds` are spent, warm-up
+    included (at least `min_rounds`); returns each contender's per-round median step time in seconds."""
+    t_end, r = time.perf_counter() + seconds, 0
     for fn in contenders.values():
         for _ in range(warmup):
             fn()
     per_round: dict[str, list[float]] = {n: [] for n in contenders}
-    t_end, r = time.perf_counter() + seconds, 0
     while r < min_rounds or time.perf_counter() < t_end:
         names = list(contenders)
         for n in names[r % len(names):] + names[: r % len(names)]:
