@@ -109,6 +109,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices only
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     curriculum: float = 0.25  # share of episodes that are synthetic-fact recall episodes (0 = plain corpus only)
+    max_gap: int = 24  # half the steps, 1..max_gap unscored segments of text before each episode's last (recall across a gap)
     eval_every: int = 250  # steps between validation evaluations
     eval_batches: int = 8  # validation episodes batches per evaluation
     save_every: int = 500  # steps between checkpoints
@@ -130,6 +131,7 @@ class TrainConfig:
         _require(0 <= self.warmup <= 10_000_000, f"--warmup must be between 0 and 10000000 (got {self.warmup})")
         _require(0 <= self.weight_decay <= 10, f"weight_decay must be between 0 and 10 (got {self.weight_decay})")
         _require(0 <= self.grad_clip <= 1e6, f"--grad-clip must be between 0 (off) and 1e6 (got {self.grad_clip})")
+        _require(0 <= self.max_gap <= 1024, f"--max-gap must be between 0 and 1024 segments (got {self.max_gap})")
         _require(0 <= self.curriculum <= 1, f"--curriculum must be in [0, 1] (got {self.curriculum})")
         _require(1 <= self.eval_every <= 10_000_000, f"--eval-every must be between 1 and 10000000 (got {self.eval_every})")
         _require(1 <= self.eval_batches <= MAX_EVAL_BATCHES,

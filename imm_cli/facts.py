@@ -37,7 +37,7 @@ class Fact:
 def load_facts(path: str | os.PathLike[str], max_bytes: int | None = None) -> list[Fact]:
     """Facts from a UTF-8 file: blank lines and ``#`` comments ignored; one-line InputError otherwise."""
     name = os.fspath(path)
-    text = read_text_file(name, what="facts file")
+    text = read_text_file(name, what="facts file").removeprefix("\ufeff")  # a UTF-8 BOM is no part of the first cue
     facts: list[Fact] = []
     seen: dict[str, int] = {}
     for lineno, raw in enumerate(text.splitlines(), start=1):

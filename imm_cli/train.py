@@ -19,14 +19,14 @@ import signal
 import threading
 import time
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from imm_cli import distributed, runs
-from imm_cli.config import ModelConfig, TrainConfig
+from imm_cli.config import ModelConfig, TrainConfig, check_device
 from imm_cli.curriculum import sample_curriculum
 from imm_cli.data import Corpus, load_corpus, sample_episodes
 from imm_cli.errors import InputError, RunError
@@ -34,6 +34,7 @@ from imm_cli.model import GPT
 
 Event = dict
 EVAL_SEED = 1234  # validation episodes are the same for every run and every evaluation
+MAX_FACTS = 16  # synthetic facts per curriculum episode at most (as many as fit the write region)
 
 
 @dataclass
@@ -51,17 +52,14 @@ class TrainResult:
     interrupted: bool = False
     recall_acc: float | None = None
     recall_acc_ablated: float | None = None
-    history: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        d = dict(self.__dict__)
-        d.pop("history")
-        return d
+        return dict(self.__dict__)
 
 
 def resolve_device(name: str) -> torch.device:
-    if name not in ("auto", "cpu", "cuda", "mps") and not (name.startswith("cuda:") and name[5:].isdigit()):
-        raise InputError(f"--device must be auto, cpu, cuda, cuda:N or mps (got {name!r})")
+    """The device `name` stands for, refused (InputError) when it is misspelt or not on this machine."""
+    check_device(name)  # the one spelling rule (config.py), shared with TrainConfig.check
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -87,8 +85,9 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "key_emb" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "key_emb" in n]
+    keep = model.no_weight_decay()  # e.g. the episodic memory's n-gram table: what the memory declares
+    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and n not in keep]
+    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or n in keep]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # fused on CPU too: one kernel over all parameters, about 4x faster than foreach here (benchmarks/bench.py)
     fused = device.type in ("cuda", "cpu")
@@ -98,23 +97,29 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
 class Batches:
     """Episodes for training: corpus episodes plus a share of curriculum episodes, reproducibly."""
 
-    def __init__(self, corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, segments: int, seed: int) -> None:
+    def __init__(self, corpus: Corpus, model_cfg: ModelConfig, cfg: TrainConfig, segments: int, seed: int,
+                 max_gap: int = 0) -> None:
         self.train = corpus.train
         self.block = model_cfg.block_size
         self.segments = segments
         self.episodes = cfg.batch_size // segments
         self.n_curriculum = int(round(cfg.curriculum * self.episodes)) if model_cfg.memory.enabled else 0
+        self.max_gap = max_gap  # unscored segments before an episode's last one (0: none)
         self.gen = torch.Generator().manual_seed(seed)
         self.rng = random.Random(seed)
 
-    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        n_corpus = self.episodes - self.n_curriculum
-        x, y = sample_episodes(self.train, n_corpus, self.segments, self.block, self.gen)
+    def next(self) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """x, y (episodes, segments + gap, block) and the gap: half the steps none, else 1..max_gap
+        segments of text between the episode's first segments (where curriculum facts are written)
+        and its last (where they are cued)."""
+        gap = self.rng.randint(1, self.max_gap) if self.max_gap and self.rng.random() < 0.5 else 0
+        T = self.segments + gap
+        x, y = sample_episodes(self.train, self.episodes - self.n_curriculum, T, self.block, self.gen)
         if self.n_curriculum:
-            cx, cy, _ = sample_curriculum(self.train, self.n_curriculum, self.segments, self.block, self.rng)
+            cx, cy, _ = sample_curriculum(self.train, self.n_curriculum, T, self.block, self.rng, max_facts=MAX_FACTS)
             x = torch.cat([x, cx.long()])
             y = torch.cat([y, cy.long()])
-        return x, y
+        return x, y, gap
 
     def state(self) -> dict:
         return {"gen": self.gen.get_state(), "rng": _py_rng_state(self.rng)}
@@ -133,30 +138,18 @@ def _py_rng_from_state(st: list) -> tuple:
     return (st[0], tuple(st[1]), st[2])
 
 
-def episode_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Mean loss over an episode's segments, memory carried from each segment to the next.
-
-    x, y: (episodes segments n). Where the memory allows it (always without memory; the default
-    episodic memory when no entry can be evicted) all segments run in one batched forward that
-    computes the same loss and gradients; otherwise segment by segment.
-    """
-    core = getattr(model, "_orig_mod", model)  # under torch.compile: the module that holds the weights
-    if core.episode_at_once(x.shape[1], x.shape[2]):
-        out = model(x, y)
-        return out.loss, list(out.token_loss.unbind(1))
-    return segment_loop_loss(model, x, y)
+def episode_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, gap: int = 0) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """Mean loss over an episode's scored segments, memory carried from each segment to the next
+    (GPT.episode: one batched forward where the memory can read a whole episode exactly, else
+    segment by segment); `gap` unscored segments before the last."""
+    out = model.episode(x, y, gap=gap)
+    return out.loss, list(out.token_loss.unbind(1))
 
 
 def segment_loop_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
     """The reference path: segment by segment, the memory state carried (and written) between them."""
-    state = model.init_state(x.shape[0], x.device)
-    losses, token_losses = [], []
-    for s in range(x.shape[1]):
-        out = model(x[:, s], y[:, s], state=state, prev=x[:, s - 1] if s else None)
-        state = out.state
-        losses.append(out.loss)
-        token_losses.append(out.token_loss)
-    return torch.stack(losses).mean(), token_losses
+    out = model.episode(x, y, batched=False)
+    return out.loss, list(out.token_loss.unbind(1))
 
 
 def autocast_for(device: torch.device):
@@ -170,8 +163,8 @@ def precision_of(device: torch.device) -> str:
     return "bf16 autocast" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
-def compile_model(model: GPT):
-    """torch.compile'd forward of `model` (the original module keeps the weights and is what is saved)."""
+def compile_model(model: torch.nn.Module):
+    """torch.compile'd `model` (the original module keeps the weights and is what is saved)."""
     if not hasattr(torch, "compile"):
         raise InputError("--compile needs torch.compile (torch 2.0 or later)")
     try:
@@ -181,33 +174,35 @@ def compile_model(model: GPT):
 
 
 @torch.no_grad()
-def evaluate(model: GPT, corpus: Corpus, segments: int, batches: int, batch: int, device: torch.device) -> dict:
-    """Validation loss with the memory carried, and with its read ablated (same episodes)."""
+def evaluate(model: GPT, corpus: Corpus, segments: int, batches: int, batch: int, device: torch.device,
+             stop: Callable[[], bool] | None = None) -> dict:
+    """Validation loss with the memory carried, and with its read ablated (same episodes).
+
+    `stop()` is asked between batches: when it says so (Ctrl-C), the evaluation is dropped ({})."""
     model.eval()
     gen = torch.Generator().manual_seed(EVAL_SEED)
     block = model.cfg.block_size
     seg = max(segments, 2) if model.memory is not None else 1
     eps = max(batch // seg, 1)
     total = {"val_loss": 0.0, "val_loss_ablated": 0.0}
-    with autocast_for(device):
-        out = _evaluate_batches(model, corpus, seg, eps, block, batches, gen, device, total)
-    model.train()
-    return out
-
-
-def _evaluate_batches(model, corpus, seg, eps, block, batches, gen, device, total) -> dict:
-    for _ in range(batches):
-        x, y = sample_episodes(corpus.val, eps, seg, block, gen)
-        x, y = x.to(device), y.to(device)
-        total["val_loss"] += episode_loss(model, x, y)[0].item()
-        if model.memory is not None:
-            with model.memory_mode(ablated=True):
-                total["val_loss_ablated"] += episode_loss(model, x, y)[0].item()
-    out = {k: v / batches for k, v in total.items()}
-    if model.memory is None:
-        out["val_loss_ablated"] = out["val_loss"]
-    else:
-        out.update(_curriculum_recall(model, corpus, seg, block, device))
+    try:
+        with autocast_for(device):
+            for _ in range(batches):
+                if stop is not None and stop():
+                    return {}
+                x, y = sample_episodes(corpus.val, eps, seg, block, gen)
+                x, y = x.to(device), y.to(device)
+                total["val_loss"] += episode_loss(model, x, y)[0].item()
+                if model.memory is not None:
+                    with model.memory_mode(ablated=True):
+                        total["val_loss_ablated"] += episode_loss(model, x, y)[0].item()
+            out = {k: v / batches for k, v in total.items()}
+            if model.memory is None:
+                out["val_loss_ablated"] = out["val_loss"]
+            else:
+                out.update(_curriculum_recall(model, corpus, seg, block, device))
+    finally:
+        model.train()
     return out
 
 
@@ -241,7 +236,7 @@ def _check_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
 
 
 class StopRequest:
-    """Ctrl-C / SIGTERM: the first asks to stop after this step; the second exits at once."""
+    """Ctrl-C / SIGTERM / SIGHUP: the first asks to stop after this step; the second exits at once."""
 
     def __init__(self) -> None:
         self.requested = False
@@ -257,12 +252,15 @@ class StopRequest:
         self.signal = signum
 
 
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
 @contextmanager
 def _stop_on_signals(stop: StopRequest):
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = {s: signal.signal(s, stop) for s in (signal.SIGINT, signal.SIGTERM)}
+    old = {s: signal.signal(s, stop) for s in STOP_SIGNALS}
     try:
         yield
     finally:
@@ -286,159 +284,228 @@ def train(
     resume: bool = False,
     on_event: Callable[[Event], None] | None = None,
 ) -> TrainResult:
-    """Train (or resume) a model into the run folder `out`; returns the final figures."""
-    emit = on_event or (lambda e: None)
+    """Train (or resume) a model into the run folder `out`; returns the final figures.
+
+    The folder is locked while this process writes it: a second process on it gets InputError."""
+    emit = on_event or _quiet
     model_cfg.check()
     cfg.check(model_cfg.memory)
+    if cfg.data is not None:  # the resolved path: a resume or an experiment from another folder finds the same file
+        cfg = replace(cfg, data=str(Path(cfg.data).resolve()))
     out = Path(out)
     device = resolve_device(cfg.device)
+    runs.check_fits(model_cfg, device, train_tokens=cfg.batch_size * model_cfg.block_size)
     dist = distributed.setup(device)  # under torchrun: join the process group (one device per process)
-    device = dist.device
     try:
-        return _train(model_cfg, cfg, out, resume, emit if dist.main else (lambda e: None), device, dist)
+        with _folder_lock(out, resume, dist.main):
+            return _train(model_cfg, cfg, out, resume, emit if dist.main else _quiet, dist)
     finally:
         dist.close()
 
 
-def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, emit, device: torch.device,
-           dist: distributed.Dist) -> TrainResult:
-    corpus = load_corpus(cfg.data)
-    segments = cfg.effective_segments(model_cfg.memory)
-    if len(corpus.train) < segments * model_cfg.block_size + 2 or len(corpus.val) < max(segments, 2) * model_cfg.block_size + 2:
-        raise InputError(f"data is too small for --block-size {model_cfg.block_size} x {segments} segments")
+def _quiet(event: Event) -> None:
+    pass
 
+
+@contextmanager
+def _folder_lock(out: Path, resume: bool, main: bool):
+    """Process 0 holds the run folder (created for a new run) while it trains; the others write nothing.
+    A new run refused before its first checkpoint leaves no folder behind."""
+    if not main:
+        yield
+        return
+    made = [p for p in (out, *out.parents) if not p.exists()] if not resume else []
+    if not resume:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        with runs.locked(out):
+            if not resume and (out / runs.CONFIG).exists():  # another process finished a run here meanwhile
+                raise InputError(f"{out} already holds a run; continue it with --resume {out} or choose another folder")
+            yield
+    except InputError:
+        for p in made:  # innermost first; only folders this call made, and only while empty
+            try:
+                p.rmdir()
+            except OSError:
+                break
+        raise
+
+
+def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, emit, dist: distributed.Dist) -> TrainResult:
+    """The loop, top to bottom: data, model, optimizer, (resume), then steps with evaluation and checkpoints."""
+    device = dist.device
+    corpus, data_id = _load_data(model_cfg, cfg, out, resume)
+    segments = cfg.effective_segments(model_cfg.memory)
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    batches = Batches(corpus, model_cfg, cfg, segments, cfg.seed)  # the global batch; each process keeps its share
+    # gap segments only where the memory reads them in the batched episode (the loop would run the
+    # transformer over every gap segment); the global batch: each process keeps its share
+    max_gap = cfg.max_gap if model.episode_path(segments + cfg.max_gap, model_cfg.block_size) == "batched" else 0
+    batches = Batches(corpus, model_cfg, cfg, segments, cfg.seed, max_gap)
     if batches.episodes % dist.world:
         raise InputError(f"--batch-size {cfg.batch_size} holds {batches.episodes} episodes of {segments} segments, "
                          f"not divisible among {dist.world} processes")
-    main = dist.main  # only process 0 writes files
-    step = 0
-    if resume:
-        st = runs.load_train_state(out)
-        runs.load_weights_into(model, {k: v.to(device) for k, v in st["model"].items()}, out / runs.TRAIN_STATE)
-        try:
-            optimizer.load_state_dict(st["optimizer"])
-            batches.load_state(st["batches"])
-            torch.set_rng_state(st["torch_rng"])
-            _check_optimizer_state(optimizer)
-        except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
-            first = (str(e).splitlines() or [e.__class__.__name__])[0][:160]
-            raise InputError(f"{out / runs.TRAIN_STATE} is damaged: {first}") from None
-        step = int(st["step"])
-        if step >= cfg.iters:
-            raise InputError(f"{out} already trained {step} steps; pass --iters above {step} to go on")
-        dist.barrier()  # every process has read the training state before process 0 writes again
-        if main:
-            runs.truncate_metrics(out, step)  # rows logged after the checkpoint are logged again
-    elif main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / runs.METRICS).unlink(missing_ok=True)
-    if main:
-        runs.clean_temp_files(out)
-    forward = model if not cfg.compile else compile_model(model)  # `model` keeps the weights: saved, evaluated
-    step_loss = distributed.wrap(forward, episode_loss, dist)  # (x, y) -> loss; DDP under torchrun
+    step = _load_checkpoint(out, model, optimizer, batches, cfg, device) if resume else 0
+    _prepare_folder(out, step, resume, dist, emit)
+    # (x, y, gap) -> loss: the episode loss as one module (torch.compile'd with --compile), DDP under
+    # torchrun; `model` keeps the weights: saved, evaluated
+    step_loss = distributed.wrap(model, episode_loss, dist, compile_model if cfg.compile else None)
     total, mem = model.num_params()
     emit({"type": "start", "params": total, "memory_params": mem, "step": step, "device": str(device),
           "processes": dist.world, "precision": precision_of(device), "compile": cfg.compile,
-          "segments": segments, "episodes": batches.episodes, "curriculum_episodes": batches.n_curriculum})
-
-    saved_step = step  # the step of the last complete checkpoint
-
-    def checkpoint(summary: dict | None = None) -> None:
-        nonlocal saved_step
-        if not main:
-            saved_step = step
-            return
-        runs.save_train_state(out, {
-            "step": step,
-            "model": runs._state_dict_for_save(model),
-            "optimizer": optimizer.state_dict(),
-            "batches": batches.state(),
-            "torch_rng": torch.get_rng_state(),
-        })
-        runs.save_weights(out, model, step)
-        runs.save_config(out, model_cfg, cfg, summary)  # last: a folder with config.json is a whole run
-        saved_step = step
-
+          "segments": segments, "episodes": batches.episodes, "curriculum_episodes": batches.n_curriculum,
+          "max_gap": max_gap, "episode_path": model.episode_path(segments, model_cfg.block_size)})
+    ckpt = Checkpoint(out, model, optimizer, batches, model_cfg, cfg, data_id, dist.main, step)
     stop = StopRequest()
     tokens_per_step = cfg.batch_size * model_cfg.block_size
-    history: list[dict] = []
-    last_eval: dict = {}
-    train_loss = None
-    nonfinite = False
-    t_start = time.perf_counter()
-    steps_done = 0
+    last: dict = {}
+    t_start, first_step = time.perf_counter(), step
     model.train()
-    # Ctrl-C/SIGTERM from the first checkpoint to the last: stop after the current step and save
-    with _stop_on_signals(stop):
+    with _stop_on_signals(stop):  # from the first checkpoint to the last: stop after the current step and save
         if not resume:
-            checkpoint({"step": 0})
+            ckpt.save(step, {"step": 0})
         while step < cfg.iters and not stop.requested:
             t0 = time.perf_counter()
-            lr = lr_at(step, cfg)
-            for g in optimizer.param_groups:
-                g["lr"] = lr
-            x, y = batches.next()
-            x, y = dist.shard(x).to(device), dist.shard(y).to(device)
-            try:
-                with autocast_for(device):
-                    loss = step_loss(x, y)
-            except Exception as e:  # torch.compile fails lazily, at the first forward: one clear line
-                if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
-                    first = (str(e).splitlines() or [type(e).__name__])[0][:200]
-                    raise RunError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: {first}); run without --compile") from None
-                raise
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()  # under DDP: gradients averaged over the processes here
-            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            # the loss of the global batch and the gradient norm in one host sync (the NaN guard needs both)
-            loss_v, gnorm_v = torch.stack([dist.mean(loss).detach().float(), gnorm.detach().float()]).tolist()
-            if not (math.isfinite(loss_v) and math.isfinite(gnorm_v)):  # before the update: weights stay good
-                nonfinite = True
-                if main:
-                    runs.append_metrics(out, [{"step": step + 1, "event": "nonfinite", "loss": str(loss_v), "grad_norm": str(gnorm_v)}])
-                raise RunError(f"non-finite {'loss' if not math.isfinite(loss_v) else 'gradient norm'} ({loss_v if not math.isfinite(loss_v) else gnorm_v}) "
-                               f"at step {step + 1}; stopped without saving it: the last good checkpoint (step {saved_step}) "
-                               f"is in {out}, resume with: imm train --resume {out}")
-            optimizer.step()
+            row = train_step(step, model, optimizer, batches, step_loss, cfg, dist, device, ckpt)
             step += 1
-            steps_done += 1
-            train_loss = loss_v
-            dt = time.perf_counter() - t0
-            row = {"step": step, "loss": loss_v, "lr": lr, "grad_norm": gnorm_v, "tokens_per_s": tokens_per_step / dt}
+            row["tokens_per_s"] = tokens_per_step / (time.perf_counter() - t0)
             if step % cfg.eval_every == 0 or step == cfg.iters:
-                last_eval = evaluate(model, corpus, segments, cfg.eval_batches, cfg.batch_size, device)
-                row.update(last_eval)
-            history.append(row)
-            if main:
+                row.update(evaluate(model, corpus, segments, cfg.eval_batches, cfg.batch_size, device,
+                                    stop=lambda: stop.requested))
+            last = {**last, **row}
+            if dist.main:
                 runs.append_metrics(out, [row])
             emit({"type": "step", **row, "iters": cfg.iters})
             stop.requested = dist.any(stop.requested)  # a signal seen by one process stops all at this step
-            if stop.requested:
-                break
-            if step % cfg.save_every == 0 and step < cfg.iters:
-                checkpoint({"step": step})
+            if not stop.requested and step % cfg.save_every == 0 and step < cfg.iters:
+                ckpt.save(step, {"step": step})
         elapsed = time.perf_counter() - t_start
-        interrupted = stop.requested and step < cfg.iters  # a signal during the final save does not undo a finished run
-        tps = steps_done * tokens_per_step / elapsed if elapsed > 0 else 0.0
+        total_tokens = (step - first_step) * tokens_per_step
         result = TrainResult(
             run=str(out), step=step, params=total, memory_params=mem, memory_share=mem / total,
-            val_loss=last_eval.get("val_loss"), val_loss_ablated=last_eval.get("val_loss_ablated"),
-            train_loss=train_loss, tokens_per_s=tps, nonfinite=nonfinite, interrupted=interrupted,
-            recall_acc=last_eval.get("recall_acc"), recall_acc_ablated=last_eval.get("recall_acc_ablated"),
-            history=history,
+            val_loss=last.get("val_loss"), val_loss_ablated=last.get("val_loss_ablated"),
+            train_loss=last.get("loss"), tokens_per_s=total_tokens / elapsed if elapsed > 0 else 0.0, nonfinite=False,
+            # a signal during the final save does not undo a finished run
+            interrupted=stop.requested and step < cfg.iters,
+            recall_acc=last.get("recall_acc"), recall_acc_ablated=last.get("recall_acc_ablated"),
         )
-        checkpoint(result.to_dict())
+        ckpt.save(step, result.to_dict())
         _dump_weights_for_tests(model, dist)
-        if not main:
-            return result
-        try:
-            from imm_cli.plots import plot_loss  # matplotlib is imported only when plotting
-
-            plot_loss(runs.read_metrics(out), out / "loss.png")
-        except Exception as e:  # a plot must never lose a trained model
-            emit({"type": "warning", "message": f"loss.png not written: {e}"})
+        if dist.main:
+            _plot_loss(out, emit)
     return result
+
+
+def _load_data(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool) -> tuple[Corpus, dict]:
+    """The corpus and its identity (recorded in config.json); a resume checks it is the run's own data."""
+    if resume:
+        runs.check_data(out, cfg.data)  # missing or changed since the run was trained: refused
+    corpus = load_corpus(cfg.data)
+    data_id = runs.data_identity(cfg.data)
+    segments = cfg.effective_segments(model_cfg.memory)
+    if len(corpus.train) < segments * model_cfg.block_size + 2 or len(corpus.val) < max(segments, 2) * model_cfg.block_size + 2:
+        raise InputError(f"data is too small for --block-size {model_cfg.block_size} x {segments} segments")
+    return corpus, data_id
+
+
+def _load_checkpoint(out: Path, model: GPT, optimizer, batches: Batches, cfg: TrainConfig, device) -> int:
+    """Resume: weights, optimizer, data order and RNG from train_state.pt; returns its step."""
+    st = runs.load_train_state(out)
+    runs.load_weights_into(model, {k: v.to(device) for k, v in st["model"].items()}, out / runs.TRAIN_STATE)
+    try:
+        optimizer.load_state_dict(st["optimizer"])
+        batches.load_state(st["batches"])
+        torch.set_rng_state(st["torch_rng"])
+        _check_optimizer_state(optimizer)
+    except (KeyError, ValueError, RuntimeError, TypeError, IndexError) as e:
+        first = (str(e).splitlines() or [e.__class__.__name__])[0][:160]
+        raise InputError(f"{out / runs.TRAIN_STATE} is damaged: {first}") from None
+    step = int(st["step"])
+    if step >= cfg.iters:
+        raise InputError(f"{out} already trained {step} steps; pass --iters above {step} to go on")
+    return step
+
+
+def _prepare_folder(out: Path, step: int, resume: bool, dist: distributed.Dist, emit) -> None:
+    """Process 0 cleans the folder: a fresh log (new run) or the log cut back to the checkpoint (resume)."""
+    if resume:
+        dist.barrier()  # every process has read the training state before process 0 writes again
+    if not dist.main:
+        return
+    if resume:
+        skipped = runs.truncate_metrics(out, step)  # rows logged after the checkpoint are logged again
+        if skipped:
+            emit({"type": "warning", "message": f"{out / runs.METRICS}: {skipped} damaged line(s) skipped"})
+    else:
+        (out / runs.METRICS).unlink(missing_ok=True)
+    runs.clean_temp_files(out)
+
+
+class Checkpoint:
+    """Atomic checkpoints by process 0: train_state.pt, then model.safetensors, then config.json (last:
+    a folder with config.json is a whole run). `step` is the step of the last complete one."""
+
+    def __init__(self, out: Path, model: GPT, optimizer, batches: Batches, model_cfg: ModelConfig, cfg: TrainConfig,
+                 data_id: dict, main: bool, step: int) -> None:
+        self.out, self.model, self.optimizer, self.batches = out, model, optimizer, batches
+        self.model_cfg, self.cfg, self.data_id, self.main, self.step = model_cfg, cfg, data_id, main, step
+
+    def save(self, step: int, summary: dict) -> None:
+        if self.main:
+            runs.save_train_state(self.out, {
+                "step": step,
+                "model": runs._state_dict_for_save(self.model),
+                "optimizer": self.optimizer.state_dict(),
+                "batches": self.batches.state(),
+                "torch_rng": torch.get_rng_state(),
+            })
+            runs.save_weights(self.out, self.model, step)
+            runs.save_config(self.out, self.model_cfg, self.cfg, summary, data=self.data_id)
+        self.step = step
+
+
+def train_step(step: int, model: GPT, optimizer, batches: Batches, step_loss, cfg: TrainConfig, dist: distributed.Dist,
+               device: torch.device, ckpt: Checkpoint) -> dict:
+    """One optimizer step on the next global batch; returns its metrics row. A non-finite loss or
+    gradient norm stops before the update (RunError): the weights and the last checkpoint stay good."""
+    lr = lr_at(step, cfg)
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    x, y, gap = batches.next()
+    x, y = dist.shard(x).to(device), dist.shard(y).to(device)
+    try:
+        with autocast_for(device):
+            loss = step_loss(x, y, gap)
+    except Exception as e:  # torch.compile fails lazily, at the first forward: one clear line
+        if cfg.compile and type(e).__module__.startswith(("torch._dynamo", "torch._inductor")):
+            first = (str(e).splitlines() or [type(e).__name__])[0][:200]
+            raise RunError(f"--compile: torch.compile failed on this machine ({type(e).__name__}: {first}); run without --compile") from None
+        raise
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()  # under DDP: gradients averaged over the processes here
+    gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+    # the loss of the global batch and the gradient norm in one host sync (the NaN guard needs both)
+    loss_v, gnorm_v = torch.stack([dist.mean(loss).detach().float(), gnorm.detach().float()]).tolist()
+    _nan_guard(step + 1, loss_v, gnorm_v, ckpt)
+    optimizer.step()
+    return {"step": step + 1, "loss": loss_v, "lr": lr, "grad_norm": gnorm_v}
+
+
+def _nan_guard(step: int, loss_v: float, gnorm_v: float, ckpt: Checkpoint) -> None:
+    if math.isfinite(loss_v) and math.isfinite(gnorm_v):
+        return
+    if ckpt.main:
+        runs.append_metrics(ckpt.out, [{"step": step, "event": "nonfinite", "loss": str(loss_v), "grad_norm": str(gnorm_v)}])
+    what, value = ("loss", loss_v) if not math.isfinite(loss_v) else ("gradient norm", gnorm_v)
+    raise RunError(f"non-finite {what} ({value}) at step {step}; stopped without saving it: the last good checkpoint "
+                   f"(step {ckpt.step}) is in {ckpt.out}, resume with: imm train --resume {ckpt.out}")
+
+
+def _plot_loss(out: Path, emit) -> None:
+    try:
+        from imm_cli.plots import plot_loss  # matplotlib is imported only when plotting
+
+        plot_loss(runs.read_metrics(out), out / runs.LOSS_PLOT)
+    except Exception as e:  # a plot must never lose a trained model
+        emit({"type": "warning", "message": f"loss.png not written: {e}"})

@@ -7,10 +7,12 @@ returns the argv (without `imm`). A case whose subcommand is not registered yet 
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import os
 import pathlib
+import pickle
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +22,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from conftest import TINY, run_imm, snapshot
+from conftest import REPO, TINY, run_imm, snapshot
+from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig
 
 MARKER = "PWNED_MARKER"
 
@@ -53,6 +56,20 @@ class Ctx:
     def out(self) -> str:
         return str(self.tmp / "out")
 
+    def dangling(self, name: str = "dangling") -> str:
+        """A symbolic link to nothing."""
+        p = self.tmp / name
+        p.symlink_to(self.tmp / "nowhere" / "at-all")
+        return str(p)
+
+    def user_files(self, name: str, *files: str) -> str:
+        """A folder holding the user's own files, named like imm's outputs."""
+        p = self.tmp / name
+        p.mkdir(parents=True, exist_ok=True)
+        for f in files:
+            (p / f).write_text("the user's own file\n")
+        return str(p)
+
     @property
     def facts(self) -> str:
         return self.file("facts.txt", "Zorblat Quintus was born in 1872 in Lisbon.\nThe capital of Mars is Olympus City.\n")
@@ -64,6 +81,8 @@ class Case:
     setup: Callable[[Ctx], list[str]]
     skip_if: Callable[[], str | None] = lambda: None  # a reason to skip on this machine, or None
     known_bug: str | None = None  # a bug found by this case and not fixed yet (owner outside this file)
+    expect: tuple[str, ...] = ()  # words the one error line must hold
+    absent: tuple[str, ...] = ()  # words it must not hold (e.g. a flag the user did not pass)
 
     @property
     def command(self) -> str:
@@ -212,7 +231,73 @@ CASES: list[Case] = [
     Case("train:weights-future-version", lambda c: resume(_future_weights(c.run()))),
     Case("train:resume-data-gone", lambda c: resume(_config(c, lambda d: _set(d, "train.data", str(c.tmp / "moved.txt"))))),
     Case("train:state-missing", lambda c: resume((lambda r: ((r / "train_state.pt").unlink(), r)[1])(c.run()))),
+    # --- issue 13: the last tracebacks, incomplete configs, data identity, damaged logs
+    Case("train:state-raw-pickle", lambda c: resume(_damage(c, "train_state.pt", pickle.dumps({"step": 1}, protocol=4)))),
+    Case("train:resume-no-train-section", lambda c: resume(_config(c, lambda d: d.pop("train"))), expect=("'train'",)),
+    Case("train:resume-train-a-list", lambda c: resume(_config(c, lambda d: _set(d, "train", [1, 2])))),
+    Case("train:resume-no-memory-section", lambda c: resume(_config(c, lambda d: d["model"].pop("memory"))), expect=("model.memory",)),
+    Case("train:resume-data-a-number", lambda c: resume(_config(c, lambda d: _set(d, "train.data", 5)))),
+    Case("train:resume-eval-batches-0", lambda c: resume(_config(c, lambda d: _set(d, "train.eval_batches", 0))), expect=("eval_batches",)),
+    Case("train:resume-eval-batches-1e12", lambda c: resume(_config(c, lambda d: _set(d, "train.eval_batches", 10**12))), expect=("eval_batches",)),
+    Case("train:resume-seed-2**64", lambda c: resume(_config(c, lambda d: _set(d, "train.seed", 2**64)))),
+    Case("train:resume-huge-model", lambda c: resume(_config(c, _huge_model)), expect=("GiB",)),
+    Case("train:resume-data-changed", lambda c: resume(_config(c, lambda d: _set(d, "data.sha256", "0" * 64))), expect=("sha256",)),
+    Case("train:resume-data-section-damaged", lambda c: resume(_config(c, lambda d: _set(d, "data", [1])))),
+    Case("train:resume-metrics-a-folder", lambda c: resume(_with(c.run(), lambda r: (r / "metrics.jsonl").unlink() or (r / "metrics.jsonl").mkdir())),
+         expect=("metrics.jsonl",)),
+    Case("train:resume-lossplot-a-folder", lambda c: resume(_with(c.run(), lambda r: (r / "loss.png").unlink() or (r / "loss.png").mkdir()))),
+    Case("train:resume-read-only", lambda c: resume(_with(c.run(), lambda r: os.chmod(r, 0o500))), skip_if=_not_root),
+    Case("train:seed-negative", lambda c: train(c, "--seed", "-1")),
+    Case("train:seed-2**64", lambda c: train(c, "--seed", str(2**64))),
+    Case("train:huge-model", lambda c: train(c, "--layers", "64", "--heads", "64", "--embd", "8192"), expect=("GiB",)),
+    Case("train:device-cuda-7", lambda c: train(c, "--device", "cuda:7"), skip_if=_no_cuda),
+    Case("train:out-dangling-symlink", lambda c: train(c, "--out", c.dangling(), out=False), expect=("symbolic link",)),
+    Case("train:out-under-a-dangling-symlink", lambda c: train(c, "--out", c.dangling() + "/run", out=False)),
+    Case("train:out-name-too-long", lambda c: train(c, "--out", str(c.tmp / ("x" * 300)), out=False)),
+    Case("train:data-relative-missing", lambda c: train(c, "--data", "no/such/relative.txt")),
 ]
+
+
+def _with(run: Path, change) -> Path:
+    change(run)
+    return run
+
+
+def _huge_model(d: dict) -> None:
+    d["model"].update(n_layer=64, n_head=64, n_embd=8192)
+    d["model"]["memory"]["layer"] = -2
+
+
+def _all_fields():
+    """(section, field, dataclass field) of every field config.json holds."""
+    for section, cls in (("train", TrainConfig), ("model", ModelConfig), ("model.memory", MemoryConfig)):
+        for f in dataclasses.fields(cls):
+            if f.name != "memory":
+                yield section, f.name, f
+
+
+def _drop(path: str):
+    def change(d: dict) -> None:
+        keys = path.split(".")
+        for k in keys[:-1]:
+            d = d[k]
+        d.pop(keys[-1])
+    return change
+
+
+def _numeric(f) -> bool:
+    return any(t in str(f.type) for t in ("int", "float"))
+
+
+# every field of every section: missing (on resume), of the wrong type, not finite or out of any range
+for _section, _name, _f in _all_fields():
+    _path = f"{_section}.{_name}"
+    if not (_section == "model.memory" and _name == "value_dim"):  # documented: configs before value_dim meant 0
+        CASES.append(Case(f"train:resume-missing-{_path}", lambda c, p=_path: resume(_config(c, _drop(p))), expect=(_path,)))
+    CASES.append(Case(f"train:resume-list-{_path}", lambda c, p=_path: resume(_config(c, lambda d: _set(d, p, [1]))), expect=(_path,)))
+    if _numeric(_f):
+        CASES.append(Case(f"train:resume-nan-{_path}", lambda c, p=_path: resume(_config(c, lambda d: _set(d, p, float("nan"))))))
+        CASES.append(Case(f"train:resume-huge-{_path}", lambda c, p=_path: resume(_config(c, lambda d: _set(d, p, 10**30)))))
 
 
 def _edit_state(data: bytes, change) -> bytes:
@@ -259,6 +344,21 @@ for _cmd in RUN_COMMANDS:
         Case(f"{_cmd}:unknown-flag", lambda c, m=_cmd: [*_with_run(m, c, c.run()), "--frobnicate"]),
         Case(f"{_cmd}:out-under-a-file", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", c.file("plain.txt", "x") + "/o"),
              known_bug=OUT_UNDER_A_FILE.get(_cmd)),
+        Case(f"{_cmd}:out-dangling-symlink", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", c.dangling()), expect=("symbolic link",)),
+        Case(f"{_cmd}:run-a-file", lambda c, m=_cmd: _with_run(m, c, c.file("plain.txt", "x")), absent=("--out",)),
+        Case(f"{_cmd}:seed-negative", lambda c, m=_cmd: _with_run(m, c, c.run(), "--seed", "-1")),
+        Case(f"{_cmd}:seed-2**64", lambda c, m=_cmd: _with_run(m, c, c.run(), "--seed", str(2**64))),
+        Case(f"{_cmd}:config-train-a-list", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train", [1])))),
+        Case(f"{_cmd}:config-data-a-number", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train.data", 5)))),
+        Case(f"{_cmd}:config-eval-batches-0", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train.eval_batches", 0)))),
+        Case(f"{_cmd}:config-nan-gate-bias", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "model.memory.gate_bias", float("nan"))))),
+        Case(f"{_cmd}:huge-model", lambda c, m=_cmd: _with_run(m, c, _config(c, _huge_model)), expect=("GiB",)),
+        Case(f"{_cmd}:data-changed", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "data.sha256", "f" * 64))), expect=("sha256",)),
+        Case(f"{_cmd}:data-gone", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train.data", str(c.tmp / "moved.txt"))))),
+        Case(f"{_cmd}:out-holds-user-files", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", c.user_files("mine", f"{m}.json")),
+             expect=(f"{_cmd}.json", "--force")),
+        Case(f"{_cmd}:out-output-is-a-folder", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", str(Path(c.dir(f"o/{m}.json")).parent)),
+             expect=(f"{_cmd}.json",)),
     ]
 for _cmd in FACT_COMMANDS:
     CASES += [
@@ -268,6 +368,7 @@ for _cmd in FACT_COMMANDS:
         Case(f"{_cmd}:facts-not-utf8", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", b"caf\xe9 au lait noir\n")]),
         Case(f"{_cmd}:facts-directory", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.dir("fdir")]),
         Case(f"{_cmd}:facts-only-comments", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", "# nothing\n\n")]),
+        Case(f"{_cmd}:facts-dangling-symlink", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.dangling()]),
     ]
 
 
@@ -283,7 +384,41 @@ CASES += [
     Case("needle:lengths-not-numbers", lambda c: _with_run("needle", c, c.run(), "--lengths", "64,abc")),
     Case("needle:capacity-0", lambda c: _with_run("needle", c, c.run(), "--capacity", "0")),
     Case("needle:device-cuda-missing", lambda c: _with_run("needle", c, c.run(), "--device", "cuda"), skip_if=_no_cuda),
+    Case("needle:trials-1e12", lambda c: _with_run("needle", c, c.run(), "--trials", str(10**12)), expect=("--trials",)),
+    Case("needle:capacity-1e12", lambda c: _with_run("needle", c, c.run(), "--capacity", str(10**12))),
+    Case("store:sequences-1e12", lambda c: _with_run("store", c, c.run(), "--sequences", str(10**12))),
+    Case("recall:device-tpu-on-a-good-run", lambda c: _with_run("recall", c, c.run(), "--device", "tpu:0")),
 ]
+
+# sweep: every path-like flag and the folder's own files, before anything is trained
+SWEEP = ["--layers", "1", "--heads", "2", "--embd", "32", "--batch-size", "8", "--sequences", "5", "--device", "cpu",
+         "--iters", "2", "--block-size", "128", "--slots", "4"]
+
+
+def sweep(c: Ctx, *args: str, out: str | None = None, facts: str | None = None) -> list[str]:
+    return ["sweep", *SWEEP, "--facts", facts or str(REPO / "examples" / "facts.txt"), "--out", out or c.out, *args]
+
+
+CASES += [
+    Case("sweep:settings-a-list", lambda c: sweep(c, out=_write(c.tmp / "sw" / "sweep_settings.json", "[1, 2]"))),
+    Case("sweep:settings-huge-int", lambda c: sweep(c, out=_write(c.tmp / "sw" / "sweep_settings.json", '{"iters": 1' + "0" * 5000 + "}"))),
+    Case("sweep:facts-binary", lambda c: sweep(c, facts=c.file("f.txt", b"a b c\x00d\n"))),
+    Case("sweep:facts-not-utf8", lambda c: sweep(c, facts=c.file("f.txt", b"caf\xe9 au lait noir\n"))),
+    Case("sweep:facts-dangling-symlink", lambda c: sweep(c, facts=c.dangling())),
+    Case("sweep:data-missing", lambda c: sweep(c, "--data", str(c.tmp / "nope.txt"))),
+    Case("sweep:out-dangling-symlink", lambda c: sweep(c, out=c.dangling())),
+    Case("sweep:out-a-file", lambda c: sweep(c, out=c.file("plain.txt", "x"))),
+    Case("sweep:out-holds-user-files", lambda c: sweep(c, out=c.user_files("mine", "optimal_config_results.png")), expect=("--force",)),
+    Case("sweep:seed-negative", lambda c: sweep(c, "--seed", "-1")),
+    Case("sweep:device-tpu", lambda c: sweep(c, "--device", "tpu")),
+]
+
+
+def _write(path: Path, text: str) -> str:
+    """Write `text` at `path` (folders made) and return the folder: a sweep --out holding it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return str(path.parent)
 
 
 def registered_commands() -> set[str]:
@@ -315,6 +450,8 @@ def _check(case: Case, r, work: Path, before: dict) -> None:
     assert "Traceback" not in r.stderr + r.stdout
     assert len(r.err_lines) == 1, f"{case.id}: expected one line on stderr, got:\n{r.stderr}"
     assert r.err_lines[0].startswith("error: "), r.err_lines[0]
+    assert all(w in r.err_lines[0] for w in case.expect), f"{case.id}: {case.expect} not in {r.err_lines[0]!r}"
+    assert not any(w in r.err_lines[0] for w in case.absent), f"{case.id}: {case.absent} in {r.err_lines[0]!r}"
     assert r.stdout == "", f"{case.id}: stdout should be empty, got {r.stdout!r}"
     assert snapshot(work) == before, f"{case.id}: files were written or changed"
     assert not (work / MARKER).exists(), f"{case.id}: code inside a file ran"
@@ -337,7 +474,8 @@ def test_table_is_large_enough():
 
 # The same checks through the installed `imm` script in a fresh process, for a sample of the table
 # (a process costs seconds of imports, so not for every case).
-SUBPROCESS_SAMPLE = ["train:data-not-utf8", "train:bad-enum-memory", "train:state-pickled-code"]
+SUBPROCESS_SAMPLE = ["train:data-not-utf8", "train:bad-enum-memory", "train:state-pickled-code", "train:state-raw-pickle",
+                     "store:out-dangling-symlink", "sweep:settings-a-list"]
 
 
 @pytest.mark.slow

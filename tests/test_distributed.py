@@ -127,7 +127,7 @@ def test_batch_not_divisible_among_processes_is_refused(tmp_path, monkeypatch):
 
     model_cfg, cfg = tiny_configs(iters=1)  # 8 segments = 2 episodes of 4
     with pytest.raises(InputError, match="not divisible among 3 processes"):
-        _train(model_cfg, cfg, tmp_path / "r", False, lambda e: None, torch.device("cpu"), distributed.Dist(rank=0, world=3))
+        _train(model_cfg, cfg, tmp_path / "r", False, lambda e: None, distributed.Dist(rank=0, world=3))
 
 
 def test_precision_is_fp32_on_cpu():

@@ -6,15 +6,21 @@
 - a training state whose pickle would run code is refused and the code does not run;
 - Ctrl-C (SIGINT) on a real `imm train`: exit 130, how to resume, and `--resume` goes on from there;
   a second Ctrl-C during the save exits at once and leaves the previous checkpoint whole;
-- a non-finite loss or gradient stops training with the step, exit 1, last good checkpoint intact.
+- a non-finite loss or gradient stops training with the step, exit 1, last good checkpoint intact;
+- issue 13: one writer per folder (a second process exits 2 naming the holder's pid), data identity
+  (resolved path, size and sha256) checked by resume and experiments, damaged log lines skipped,
+  Ctrl-C while importing, SIGHUP, closed stdout under --json, outputs that imm did not write,
+  control characters from files. (Bad config.json fields, paths and flags: tests/test_bad_inputs.py.)
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
 import pathlib
+import shlex
 import signal
 import subprocess
 import sys
@@ -26,7 +32,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY, clean_env, imm_command, tiny_configs
+from conftest import REPO, TINY, clean_env, imm_command, run_imm, snapshot, tiny_configs
 from imm_cli import runs
 from imm_cli import train as train_mod
 from imm_cli.errors import InputError
@@ -211,13 +217,20 @@ class Proc:
         return self.p.returncode, "".join(self.lines)
 
 
+def long_train(run: Path, cwd: Path) -> Proc:
+    """A real `imm train` that goes on until stopped (no checkpoint but the first, no evaluation)."""
+    return Proc(imm_command("train", *TINY, "--iters", "100000", "--save-every", "100000", "--eval-every", "100000",
+                            "--out", str(run)), cwd=cwd)
+
+
 @pytest.mark.slow
-def test_ctrl_c_saves_exits_130_and_resume_goes_on(tmp_path, imm):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGHUP], ids=["SIGINT", "SIGHUP"])
+def test_ctrl_c_saves_exits_130_and_resume_goes_on(sig, tmp_path, imm):
+    """Ctrl-C, and SIGHUP (the terminal went away) like SIGTERM: stop after the step, save, exit 130."""
     run = tmp_path / "run"
-    proc = Proc(imm_command("train", *TINY, "--iters", "100000", "--save-every", "100000", "--eval-every", "100000",
-                            "--out", str(run)), cwd=tmp_path)
+    proc = long_train(run, tmp_path)
     proc.wait_for(lambda: len(train_steps(run)) >= 3)
-    proc.p.send_signal(signal.SIGINT)
+    proc.p.send_signal(sig)
     code, err = proc.finish()
     assert code == 130, err
     assert f"Resume with: imm train --resume {run}" in err and "Traceback" not in err
@@ -433,3 +446,223 @@ def test_sigkill_while_saving_always_leaves_a_loadable_checkpoint(tmp_path):
         assert final["tmp_files"] == [], f"{where}: leftovers were not cleaned: {final}"
         resumed_with_leftovers |= bool(after["tmp_files"])
     assert saw_leftovers and resumed_with_leftovers, "no kill left a temporary file: the kill points missed the saves"
+
+
+# --- issue 13: one writer per folder ---------------------------------------------------------------
+@pytest.mark.slow
+def test_a_second_process_on_a_training_run_is_refused_naming_the_holder(tmp_path):
+    run = tmp_path / "run"
+    first = long_train(run, tmp_path)
+    first.wait_for(lambda: len(train_steps(run)) >= 1)
+    for argv in (["train", *TINY, "--iters", "2", "--out", str(run)],  # the same --out
+                 ["train", "--resume", str(run), "--iters", "200000"],  # a concurrent resume
+                 ["usage", "--run", str(run), "--sequences", "2"]):  # an experiment writing into the run folder
+        r = run_imm(argv, cwd=tmp_path)
+        assert r.code == 2 and len(r.err_lines) == 1, r.stderr
+        assert str(run) in r.stderr and f"pid {first.p.pid}" in r.stderr, r.stderr
+    first.p.send_signal(signal.SIGINT)
+    code, err = first.finish()
+    assert code == 130, err
+    k = runs.load_train_state(run)["step"]
+    assert train_steps(run) == list(range(1, k + 1))  # one run's steps, each once
+    assert not (run / runs.LOCK).exists() and not (run / "usage.json").exists()
+
+
+@pytest.mark.slow
+def test_two_trains_started_together_on_one_folder_leave_one_whole_run(tmp_path):
+    run = tmp_path / "run"
+    argv = imm_command("train", *TINY, "--iters", "3", "--out", str(run))
+    procs = [subprocess.Popen(argv, cwd=tmp_path, env=clean_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    outs = [p.communicate(timeout=180) for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], outs
+    refused = next(err for p, (_, err) in zip(procs, outs) if p.returncode == 2)
+    assert str(run) in refused and len([ln for ln in refused.splitlines() if ln.strip()]) == 1, refused
+    assert train_steps(run) == [1, 2, 3]
+    assert runs.load_train_state(run)["step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["sweep", "store", "train-resume"])
+def test_a_folder_held_by_another_process_is_refused(command, run_copy, tmp_path):
+    """The lock is held here (this process); a real `imm` on the same folder exits 2 naming this pid."""
+    folder = tmp_path / "sw" if command == "sweep" else run_copy
+    folder.mkdir(exist_ok=True)
+    argv = {"sweep": ["sweep", "--slots", "4", "--iters", "2", "--layers", "1", "--heads", "2", "--embd", "32", "--batch-size", "8",
+                      "--device", "cpu", "--facts", str(REPO / "examples" / "facts.txt"), "--out", str(folder)],
+            "store": ["store", "--run", str(run_copy), "--sequences", "2"],
+            "train-resume": ["train", "--resume", str(run_copy), "--iters", "3"]}[command]
+    before = snapshot(folder)
+    with runs.locked(folder):
+        r = run_imm(argv, cwd=tmp_path)
+    assert r.code == 2 and len(r.err_lines) == 1, r.stderr
+    assert str(folder) in r.stderr and f"pid {os.getpid()}" in r.stderr, r.stderr
+    assert snapshot(folder) == before
+
+
+def test_a_stale_lock_file_of_a_killed_process_is_taken_over(run_copy, imm):
+    (run_copy / runs.LOCK).write_text("999999\n")  # what kill -9 leaves: the file, no lock
+    assert imm("train", "--resume", str(run_copy), "--iters", "3").code == 0
+    assert not (run_copy / runs.LOCK).exists()
+
+
+# --- issue 13: the data a run was trained on --------------------------------------------------------
+def test_data_is_stored_resolved_with_its_fingerprint_and_checked(tmp_path, imm, monkeypatch):
+    from imm_cli.data import load_default_corpus
+
+    text = load_default_corpus()[:20_000]
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    (a / "data.txt").write_text(text)
+    (b / "data.txt").write_text(text[::-1])  # the same relative name, other content
+    run = tmp_path / "run"
+    monkeypatch.chdir(a)
+    assert imm("train", *TINY, "--iters", "2", "--data", "data.txt", "--out", str(run)).code == 0
+    cfg = json.loads((run / runs.CONFIG).read_text())
+    assert cfg["train"]["data"] == str(a / "data.txt")
+    assert cfg["data"] == {"path": str(a / "data.txt"), "bytes": len(text.encode()),
+                           "sha256": hashlib.sha256(text.encode()).hexdigest()}
+
+    monkeypatch.chdir(b)  # from another folder: the run's own file, found and checked
+    assert imm("train", "--resume", str(run), "--iters", "3").code == 0
+    assert imm("store", "--run", str(run), "--sequences", "2").code == 0
+
+    (a / "data.txt").write_text(text.upper())  # changed in place
+    for argv in (["train", "--resume", str(run), "--iters", "4"], ["store", "--run", str(run), "--sequences", "2"]):
+        r = imm(*argv)
+        assert r.code == 2 and len(r.err_lines) == 1 and "not the data" in r.stderr and "sha256" in r.stderr, r.stderr
+    (a / "data.txt").unlink()  # moved away
+    r = imm("train", "--resume", str(run), "--iters", "4")
+    assert r.code == 2 and "does not exist" in r.stderr and "--data" in r.stderr
+    r = imm("train", "--resume", str(run), "--iters", "4", "--data", "data.txt")  # b/data.txt: other content
+    assert r.code == 2 and "not the data" in r.stderr
+    (b / "copy.txt").write_text(text)
+    assert imm("train", "--resume", str(run), "--iters", "4", "--data", "copy.txt").code == 0  # the same bytes: followed
+    assert json.loads((run / runs.CONFIG).read_text())["train"]["data"] == str(b / "copy.txt")
+    assert train_steps(run) == [1, 2, 3, 4]
+
+
+# --- issue 13: damaged lines of the append-only logs --------------------------------------------------
+DAMAGED_LINES = ['{"step": 1' + "0" * 5000 + ', "loss": 1.0}',  # an int of 5,001 digits: ValueError, not JSONDecodeError
+                 "[" * 100_000,  # nesting too deep: RecursionError
+                 "not json", "[1, 2]", '"a string"', "\udcff\ufffd garbage", "{}{}"]
+
+
+def test_damaged_metrics_lines_are_skipped_on_resume(run_copy, imm):
+    with open(run_copy / runs.METRICS, "a", encoding="utf-8", errors="surrogateescape") as f:
+        for line in DAMAGED_LINES:
+            f.write(line + "\n")
+    r = imm("train", "--resume", str(run_copy), "--iters", "3")
+    assert r.code == 0, r.stderr
+    assert "damaged line(s) skipped" in r.stderr
+    assert train_steps(run_copy) == [1, 2, 3]
+
+
+def test_damaged_sweep_lines_are_skipped_and_counted(tmp_path):
+    from imm_cli.experiments import sweep as S
+
+    lines = ['{"name": "a", "figures": {}}', *DAMAGED_LINES, '{"name": 5, "figures": {}}', '{"name": "b", "figures": {}}']
+    (tmp_path / S.JSONL).write_text("\n".join(lines) + "\n", errors="surrogateescape")
+    done, skipped = S.read_records(tmp_path)
+    assert sorted(done) == ["a", "b"] and skipped == len(DAMAGED_LINES) + 1  # and the record whose name is no string
+
+
+def test_append_after_a_torn_line_keeps_every_whole_line(tmp_path):
+    """What README promises for metrics.jsonl and sweep.jsonl: a line is whole or skipped, never merged."""
+    runs.append_metrics(tmp_path, [{"step": 1, "loss": 2.0}])
+    with open(tmp_path / runs.METRICS, "a") as f:
+        f.write('{"step": 2, "lo')  # a crash in the middle of a line
+    runs.append_metrics(tmp_path, [{"step": 2, "loss": 1.5}, {"step": 3, "loss": 1.0}])
+    rows, skipped = runs.read_jsonl(tmp_path / runs.METRICS)
+    assert [r["step"] for r in rows] == [1, 2, 3] and skipped == 1
+    runs.truncate_metrics(tmp_path, 2)  # a resume from step 2: rows up to it, no damaged line, atomically
+    assert runs.read_jsonl(tmp_path / runs.METRICS) == ([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], 0)
+
+
+def test_evaluation_stops_when_asked(run_copy):
+    from imm_cli.data import load_corpus
+
+    model, _ = runs.load_run(run_copy)
+    calls = []
+    out = train_mod.evaluate(model, load_corpus(None), 4, 1000, 8, torch.device("cpu"), stop=lambda: calls.append(1) or True)
+    assert out == {} and len(calls) == 1 and model.training
+
+
+def test_resume_of_a_read_only_run_folder_is_refused_before_any_work(run_copy, imm, monkeypatch):
+    """(As root chmod does not stop writing, so the folder is made read-only for os.access.)"""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if Path(p) == run_copy and mode & os.W_OK else real(p, mode, **kw))
+    before = snapshot(run_copy)
+    r = imm("train", "--resume", str(run_copy), "--iters", "4")
+    assert r.code == 2 and len(r.err_lines) == 1 and "not writable" in r.stderr, r.stderr
+    assert snapshot(run_copy) == before
+
+
+# --- issue 13: the terminal, stdout, the first second ---------------------------------------------------
+SIGINT_WHILE_IMPORTING = """
+import os, signal, sys
+class SigintOnTorchImport:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            sys.meta_path.remove(self)
+            os.kill(os.getpid(), signal.SIGINT)
+        return None
+sys.meta_path.insert(0, SigintOnTorchImport())
+"""
+
+
+def test_ctrl_c_while_importing_is_one_line_and_exit_130(tmp_path):
+    """Ctrl-C in the first second: a sitecustomize presses it when torch starts being imported."""
+    (tmp_path / "sitecustomize.py").write_text(SIGINT_WHILE_IMPORTING)
+    p = subprocess.run(imm_command("train", *TINY, "--iters", "2", "--out", str(tmp_path / "run")), cwd=tmp_path,
+                       env=clean_env(PYTHONPATH=f"{tmp_path}{os.pathsep}{REPO}"), capture_output=True, text=True, timeout=120)
+    assert p.returncode == 130 and p.stderr.strip() == "interrupted", p.stderr
+    assert not (tmp_path / "run").exists()
+
+
+def test_json_with_stdout_closed_is_refused_before_any_work(run_copy, tmp_path):
+    cmd = " ".join(shlex.quote(a) for a in imm_command("store", "--run", str(run_copy), "--sequences", "2", "--json"))
+    p = subprocess.run(cmd + " >&-", shell=True, cwd=tmp_path, env=clean_env(), capture_output=False,
+                       stderr=subprocess.PIPE, text=True, timeout=120)
+    lines = [ln for ln in p.stderr.splitlines() if ln.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "--json" in lines[0] and "Traceback" not in p.stderr, p.stderr
+    assert not (run_copy / "store.json").exists()
+
+
+def test_outputs_are_marked_and_user_files_need_force(run_copy, tmp_path, imm):
+    out = tmp_path / "o"
+    args = ["--run", str(run_copy), "--sequences", "2", "--out", str(out)]
+    assert imm("store", *args).code == 0
+    assert imm("store", *args).code == 0  # an earlier output of the same command is replaced
+    (out / "usage.json").write_text("the user's own\n")
+    r = imm("usage", *args)
+    assert r.code == 2 and "usage.json" in r.stderr and "--force" in r.stderr and len(r.err_lines) == 1
+    assert (out / "usage.json").read_text() == "the user's own\n"
+    assert imm("usage", *args, "--force").code == 0
+    assert json.loads((out / "usage.json").read_text())["run"] == str(run_copy)
+    assert imm("usage", *args).code == 0  # now it is imm's
+
+
+def test_control_characters_from_files_never_reach_the_terminal(run_copy, tmp_path, imm, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")
+    facts = tmp_path / "facts.txt"
+    facts.write_bytes("\ufeffA\x1b]0;X\x07 b c.\nD\x1b[2J e f.\nG\u202eh i j.\n".encode())
+    r = imm("recall", "--run", str(run_copy), "--facts", str(facts), "--context", "0", "--out", str(tmp_path / "o"), "--json")
+    assert r.code == 0, r.stderr
+    for raw in ("\x1b", "\x07", "\u202e"):
+        assert raw not in r.stderr, repr(raw)
+    assert "\\x1b]0;X\\x07" in r.stderr and "\\u202e" in r.stderr  # shown, escaped
+    doc = json.loads(r.stdout)
+    assert doc["facts"][0]["cue"] == "A\x1b]0;X\x07 b"  # the BOM is not part of the first cue
+
+
+def test_the_console_escapes_what_it_did_not_style():
+    from imm_cli.cli.common import SafeConsole
+
+    buf = io.StringIO()
+    con = SafeConsole(file=buf, force_terminal=True, color_system="standard", width=80)
+    con.print("[bold]ok[/] \x1b]0;title\x07 \x9b31m", highlight=False)
+    text = buf.getvalue()
+    assert "\\x1b]0;title" in text and "\\x9b" in text and "\x07" not in text and "\x9b" not in text
+    assert "\x1b[1m" in text  # rich's own style codes are kept

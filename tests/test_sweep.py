@@ -108,8 +108,8 @@ def test_bad_sweep_flags_are_one_line(imm, tmp_path, args, msg):
 def test_jsonl_line_after_a_torn_line_is_kept(tmp_path):
     (tmp_path / S.JSONL).write_text('{"name": "a", "figures": {}}\n{"name": "b", "fig')  # crash mid-append
     S.append_record(tmp_path, {"name": "c", "figures": {"val_loss": float("nan")}})
-    done = S.read_records(tmp_path)
-    assert sorted(done) == ["a", "c"] and done["c"]["figures"]["val_loss"] is None
+    done, skipped = S.read_records(tmp_path)
+    assert sorted(done) == ["a", "c"] and done["c"]["figures"]["val_loss"] is None and skipped == 1
 
 
 def test_ranking_puts_missing_figures_last_and_breaks_ties_by_val_loss():

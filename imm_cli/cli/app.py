@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 import typer
@@ -14,6 +15,7 @@ from imm_cli.cli import recall as recall_cmd
 from imm_cli.cli import report as report_cmd
 from imm_cli.cli import train as train_cmd
 from imm_cli.cli import usage as usage_cmd
+from imm_cli.cli.common import clean_text
 
 app = typer.Typer(
     name="imm",
@@ -50,10 +52,20 @@ def main(argv: list[str] | None = None) -> int:
     Exceptions are matched by shape (exit_code, format_message), not by class, because typer has
     moved its click exceptions between releases.
     """
+    from imm_cli.cli import _interrupted_while_starting
+
+    if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:
+        try:  # the imports are done: Ctrl-C is a KeyboardInterrupt again (see imm_cli/cli/__init__.py)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
+        except ValueError:  # not the main thread
+            pass
     command = typer.main.get_command(app)
     try:
         result = command.main(args=argv, prog_name="imm", standalone_mode=False)
         code = result if isinstance(result, int) else 0
+    except KeyboardInterrupt:  # outside a command (parsing, exiting): the same one line as inside
+        sys.stderr.write("interrupted\n")
+        code = 130
     except Exception as e:  # noqa: BLE001
         name = type(e).__name__
         exit_code = getattr(e, "exit_code", None)
@@ -64,14 +76,14 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(e.format_message().rstrip() + "\n")
             code = exit_code if isinstance(exit_code, int) else 2
         elif hasattr(e, "format_message") and isinstance(exit_code, int):
-            sys.stderr.write("error: " + " ".join(e.format_message().split()) + "\n")  # one line, always
+            sys.stderr.write("error: " + clean_text(" ".join(e.format_message().split())) + "\n")  # one line, always
             code = exit_code
         elif isinstance(exit_code, int):
             code = exit_code
         else:
             if os.environ.get("IMM_DEBUG"):
                 raise
-            sys.stderr.write(f"error: {name}: {(str(e).splitlines() or [''])[0]} (IMM_DEBUG=1 shows the traceback)\n")
+            sys.stderr.write(f"error: {name}: {clean_text((str(e).splitlines() or [''])[0])} (IMM_DEBUG=1 shows the traceback)\n")
             code = 1
     if os.environ.get("IMM_NO_EXIT"):
         return code

@@ -6,15 +6,21 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import _clean, console, handle_errors, parse_list, print_json
-from imm_cli.cli.store import check_out  # the run folder by default, checked
+from imm_cli.cli.common import _clean, check_seed, console, handle_errors, holding, mark_outputs, parse_list, print_json, safe
+from imm_cli.cli.store import FORCE_HELP, check_out  # the run folder by default, checked
+from imm_cli.errors import InputError
 from imm_cli.experiments.needle import CONDITIONS, NeedleSettings, run_needle
 from imm_cli.experiments.setup import open_facts, open_run
+from imm_cli.facts import load_facts
 
 D = NeedleSettings()
+NEEDLE_FILES = ("needle.json", "needle_heatmap.png", "capacity.png")
+MAX_TRIALS = 1000  # haystack draws: each is a full pass over the facts
+MAX_FACTS_STORED = 4096  # --capacity: facts written into one memory
 
 
 @handle_errors
@@ -32,6 +38,7 @@ def needle(
     seed: int = typer.Option(D.seed, help="Seed of haystacks and test contexts."),
     out: Optional[Path] = typer.Option(None, help="Folder for needle.json and the plots [default: the run folder]."),
     device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Needle in a haystack: memory vs fresh memory vs other facts vs fact in the window."""
@@ -40,13 +47,20 @@ def needle(
         lengths=tuple(parse_list(lengths, int, "--lengths")), depths=tuple(parse_list(depths, float, "--depths")),
         capacity=tuple(parse_list(capacity, int, "--capacity")),
     )
-    out_dir = check_out(run, out)
-    model, _, text = open_run(run, device)
-    fact_list = open_facts(facts, model)
-    with console.status("needle: writing haystacks and testing recall"):
-        result = run_needle(model, fact_list, text, settings)
-    doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}
-    files = _save(doc, out_dir, settings.sweeps)
+    if not 1 <= trials <= MAX_TRIALS:
+        raise InputError(f"--trials must be between 1 and {MAX_TRIALS} (got {trials})")
+    if not all(1 <= n <= MAX_FACTS_STORED for n in settings.capacity):
+        raise InputError(f"--capacity values must be between 1 and {MAX_FACTS_STORED} (got {capacity})")
+    check_seed(seed)
+    out_dir = check_out(run, out, "needle", NEEDLE_FILES, force)
+    load_facts(facts)  # the file and its lines before any work (whether they fit the model: open_facts)
+    with holding(out_dir):
+        model, _, text = open_run(run, device)
+        fact_list = open_facts(facts, model)
+        with console.status("needle: writing haystacks and testing recall"):
+            result = run_needle(model, fact_list, text, settings)
+        doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}
+        files = _save(doc, out_dir, settings.sweeps)
     _print(result.to_dict(), files)
     if json_out:
         print_json({**doc, "files": files})
@@ -56,12 +70,14 @@ def _save(doc: dict, out: Path, sweeps: bool) -> dict:
     from imm_cli.plots.recall import plot_capacity, plot_needle_heatmap
 
     out.mkdir(parents=True, exist_ok=True)
-    files = {"json": str(out / "needle.json")}
-    if sweeps:
-        plot_needle_heatmap(doc, out / "needle_heatmap.png")
-        plot_capacity(doc, out / "capacity.png")
-        files.update(heatmap=str(out / "needle_heatmap.png"), capacity=str(out / "capacity.png"))
-    runs.atomic_write_json(out / "needle.json", {**doc, "files": files})
+    with runs.locked(out):
+        files = {"json": str(out / "needle.json")}
+        if sweeps:
+            plot_needle_heatmap(doc, out / "needle_heatmap.png")
+            plot_capacity(doc, out / "capacity.png")
+            files.update(heatmap=str(out / "needle_heatmap.png"), capacity=str(out / "capacity.png"))
+        runs.atomic_write_json(out / "needle.json", {**doc, "files": files})
+        mark_outputs(out, [Path(f).name for f in files.values()], "needle")
     return files
 
 
@@ -86,8 +102,8 @@ def _print(r: dict, files: dict) -> None:
         ft.add_column(col)
     for f in r["facts"]:
         c = f["conditions"]
-        ft.add_row(f["cue"], f["expected"], c["memory"]["generated"], "✓" if c["memory"]["exact"] else "✗",
-                   c["fresh"]["generated"], c["in_context"]["generated"])
+        ft.add_row(safe(f["cue"]), safe(f["expected"]), safe(c["memory"]["generated"]), "✓" if c["memory"]["exact"] else "✗",
+                   safe(c["fresh"]["generated"]), safe(c["in_context"]["generated"]))
     console.print(ft)
     if r.get("heatmap"):
         hm = r["heatmap"]
@@ -105,5 +121,5 @@ def _print(r: dict, files: dict) -> None:
         for n, g, em, ca in zip(cap["n_facts"], cap["memories"], cap["exact_match"], cap["char_accuracy"]):
             ct.add_row(str(n), str(g), f"{em:.2f}", f"{ca:.2f}")
         console.print(ct)
-    console.print(f"[bold]verdict:[/] {r['verdict']}  ({r['seconds']:.1f} s)")
-    console.print("files: " + ", ".join(files.values()))
+    console.print(f"[bold]verdict:[/] {escape(r['verdict'])}  ({r['seconds']:.1f} s)")
+    console.print(safe("files: " + ", ".join(files.values())))

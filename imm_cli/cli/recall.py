@@ -9,10 +9,13 @@ import typer
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import _clean, console, handle_errors, print_json
-from imm_cli.cli.store import check_out  # the run folder by default, checked
+from imm_cli.cli.common import _clean, check_seed, console, handle_errors, holding, mark_outputs, print_json, safe
+from imm_cli.cli.store import FORCE_HELP, check_out  # the run folder by default, checked
 from imm_cli.experiments.recall import run_recall
 from imm_cli.experiments.setup import open_facts, open_run
+from imm_cli.facts import load_facts
+
+RECALL_FILES = ("recall.json", "context_influence.png")
 
 
 @handle_errors
@@ -23,22 +26,28 @@ def recall(
     seed: int = typer.Option(0, help="Seed of the test contexts."),
     out: Optional[Path] = typer.Option(None, help="Folder for recall.json and context_influence.png [default: the run folder]."),
     device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Show each fact once (memory updates on), then complete each cue with the memory frozen."""
-    out_dir = check_out(run, out)
-    model, _, text = open_run(run, device)
-    fact_list = open_facts(facts, model)
-    result = run_recall(model, fact_list, text, seed=seed, context=context)
-    doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}
-    from imm_cli.plots.recall import plot_context_influence
+    check_seed(seed)
+    out_dir = check_out(run, out, "recall", RECALL_FILES, force)
+    load_facts(facts)  # the file and its lines before any work (whether they fit the model: open_facts)
+    with holding(out_dir):
+        model, _, text = open_run(run, device)
+        fact_list = open_facts(facts, model)
+        result = run_recall(model, fact_list, text, seed=seed, context=context)
+        doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}
+        from imm_cli.plots.recall import plot_context_influence
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    files = {"json": str(out_dir / "recall.json"), "plot": str(out_dir / "context_influence.png")}
-    plot_context_influence(doc, out_dir / "context_influence.png")
-    runs.atomic_write_json(out_dir / "recall.json", {**doc, "files": files})
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with runs.locked(out_dir):
+            files = {"json": str(out_dir / "recall.json"), "plot": str(out_dir / "context_influence.png")}
+            plot_context_influence(doc, out_dir / "context_influence.png")
+            runs.atomic_write_json(out_dir / "recall.json", {**doc, "files": files})
+            mark_outputs(out_dir, list(RECALL_FILES), "recall")
     _print(doc)
-    console.print("files: " + ", ".join(files.values()))
+    console.print(safe("files: " + ", ".join(files.values())))
     if json_out:
         print_json({**doc, "files": files})
 
@@ -48,8 +57,8 @@ def _print(r: dict) -> None:
     for col in ("cue", "expected", "generated (memory)", "exact", "char acc", "loss/byte", "generated (fresh)", "char acc", "loss/byte"):
         t.add_column(col, justify="right" if col in ("char acc", "loss/byte", "exact") else "left")
     for f in r["facts"]:
-        t.add_row(f["cue"], f["expected"], f["generated"], "✓" if f["exact"] else "✗", f"{f['char_accuracy']:.2f}",
-                  f"{f['loss_per_byte']:.2f}", f["generated_fresh"], f"{f['char_accuracy_fresh']:.2f}", f"{f['loss_per_byte_fresh']:.2f}")
+        t.add_row(safe(f["cue"]), safe(f["expected"]), safe(f["generated"]), "✓" if f["exact"] else "✗", f"{f['char_accuracy']:.2f}",
+                  f"{f['loss_per_byte']:.2f}", safe(f["generated_fresh"]), f"{f['char_accuracy_fresh']:.2f}", f"{f['loss_per_byte_fresh']:.2f}")
     console.print(t)
     s = Table(title="summary")
     for col in ("condition", "exact match", "char accuracy", "loss/byte"):
@@ -61,4 +70,4 @@ def _print(r: dict) -> None:
     ci = r["context_influence"]
     console.print(f"context influence, KL(read on || read off): {ci['mean_kl_rest']:.3f} nats/byte on the facts' rests, "
                   f"{ci['mean_kl_prompt']:.3f} on the prompts")
-    console.print(f"[bold]verdict:[/] {r['verdict']}  ({r['seconds']:.1f} s)")
+    console.print(safe(f"verdict: {r['verdict']}  ({r['seconds']:.1f} s)"))

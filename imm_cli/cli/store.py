@@ -7,43 +7,58 @@ from pathlib import Path
 from typing import Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import _clean, check_out_folder, console, fmt, handle_errors, print_json
+from imm_cli.errors import InputError
+from imm_cli.cli.common import (_clean, check_out_folder, check_outputs, check_seed, console, fmt, handle_errors, holding,
+                                mark_outputs, print_json, safe)
 
 STORE_JSON = "store.json"
 USAGE_JSON = "usage.json"
 COMBINED_PNG = "optimal_config_results.png"
+STORE_PNG = "pattern_similarity.png"
+USAGE_PNG = "slot_usage_heatmap.png"
 
 RUN_HELP = "Run folder made by `imm train` (it must have memory: --slots 1 or more)."
 SEQ_HELP = "Consecutive sequences of the model's block size, memory carried across them with updates on."
 RANDOM_HELP = "Uniform random bytes instead of the validation text (the notes' original setting)."
 SEED_HELP = "Seed of the start in the validation split, the random tokens and the random control."
 OUT_HELP = "Folder for the plots and the JSON result [default: the run folder]."
+FORCE_HELP = "Replace files of the same names in --out that imm did not write."
 
 
 # --- shared by store and usage ---------------------------------------------------------------------
-def check_out(run: Path, out: Optional[Path]) -> Path:
-    """The output folder (default: the run folder); refused before any work if it cannot be one."""
+def check_out(run: Path, out: Optional[Path], command: str, names: tuple[str, ...], force: bool = False,
+              needs_data: bool = True) -> Path:
+    """Before any work: the run folder (and, when the experiment reads text, the data it was trained on),
+    then the output folder (default: the run folder) and the files the command will write there."""
+    runs.read_config(run)
+    if needs_data:
+        runs.check_data(run)
+    flag = "--run" if out is None else "--out"
     out = run if out is None else out
-    check_out_folder(out)
+    check_out_folder(out, flag)
+    check_outputs(out, names, command, force, flag)
     return out
 
 
-def save_results(doc: dict, name: str, out: Path, plot) -> dict:
+def save_results(doc: dict, name: str, out: Path, plot, command: str, names: tuple[str, ...]) -> dict:
     """Write the plot and the JSON result, and the combined figure when both results are there."""
     out.mkdir(parents=True, exist_ok=True)
-    files = {}
-    png = out / plot[0]
-    plot[1](doc, png)
-    files["plot"] = str(png)
-    path = out / name
-    files["json"] = str(path)
-    combined = _combined(doc, name, out)
-    if combined:
-        files["combined"] = str(combined)
-    runs.atomic_write_json(path, _clean({**doc, "files": files}))
+    with runs.locked(out):
+        files = {}
+        png = out / plot[0]
+        plot[1](doc, png)
+        files["plot"] = str(png)
+        path = out / name
+        files["json"] = str(path)
+        combined = _combined(doc, name, out)
+        if combined:
+            files["combined"] = str(combined)
+        runs.atomic_write_json(path, _clean({**doc, "files": files}))
+        mark_outputs(out, [n for n in names if (out / n).exists()], command)
     return files
 
 
@@ -54,11 +69,12 @@ def _combined(doc: dict, name: str, out: Path) -> Path | None:
         return None
     try:
         other = json.loads(other_path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        console.print(f"[yellow]warning:[/] {other_path} is unreadable; {COMBINED_PNG} not drawn")
+    except (OSError, ValueError, RecursionError):
+        console.print(f"[yellow]warning:[/] {escape(str(other_path))} is unreadable; {COMBINED_PNG} not drawn")
         return None
-    if Path(str(other.get("run"))).resolve() != Path(doc["run"]).resolve():
-        console.print(f"[yellow]warning:[/] {other_path} is from another run ({other.get('run')}); {COMBINED_PNG} not drawn")
+    if not isinstance(other, dict) or Path(str(other.get("run"))).resolve() != Path(doc["run"]).resolve():
+        other_run = other.get("run") if isinstance(other, dict) else None
+        console.print(f"[yellow]warning:[/] {escape(str(other_path))} is from another run ({escape(str(other_run))}); {COMBINED_PNG} not drawn")
         return None
     from imm_cli.plots.store_usage import plot_combined
 
@@ -67,7 +83,7 @@ def _combined(doc: dict, name: str, out: Path) -> Path | None:
     try:
         plot_combined(store, usage, path)
     except (KeyError, TypeError, ValueError, IndexError) as e:
-        console.print(f"[yellow]warning:[/] {other_path} does not look like an imm result ({e.__class__.__name__}); {COMBINED_PNG} not drawn")
+        console.print(f"[yellow]warning:[/] {escape(str(other_path))} does not look like an imm result ({e.__class__.__name__}); {COMBINED_PNG} not drawn")
         return None
     return path
 
@@ -77,11 +93,11 @@ def memory_rows(t: Table, r) -> None:
     t.add_row("memory", f"{m['kind']}, {m['slots']} slots in block {m['layer']}, width {m['width']}")
     t.add_row("memory share of parameters", f"{100 * m['memory_share']:.2f}% ({m['memory_params']:,} of {m['params']:,})")
     t.add_row("sequences", f"{r.sequences} x {r.block_size} bytes, batch 1, memory carried")
-    t.add_row("source", r.source)
+    t.add_row("source", safe(r.source))
 
 
 def files_line(files: dict) -> None:
-    console.print("wrote " + ", ".join(files.values()), highlight=False, soft_wrap=True)
+    console.print(safe("wrote " + ", ".join(files.values())), highlight=False, soft_wrap=True)
 
 
 # --- the command ---------------------------------------------------------------------------------
@@ -92,22 +108,32 @@ def store(
     random_tokens: bool = typer.Option(False, "--random-tokens", help=RANDOM_HELP),
     seed: int = typer.Option(0, help=SEED_HELP),
     out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document with every figure and the per-sequence series on stdout."),
 ) -> None:
     """Pattern storage test: cosine between memory slots and each sequence's mean hidden state, with controls."""
     from imm_cli.experiments.store import pattern_storage
     from imm_cli.plots.store_usage import plot_pattern_similarity
 
-    run_and_report(pattern_storage, run, out, STORE_JSON, ("pattern_similarity.png", plot_pattern_similarity), _table,
-                   json_out, sequences=sequences, random_tokens=random_tokens, seed=seed)
+    run_and_report(pattern_storage, run, out, STORE_JSON, (STORE_PNG, plot_pattern_similarity), _table,
+                   json_out, force, sequences=sequences, random_tokens=random_tokens, seed=seed)
 
 
-def run_and_report(experiment, run: Path, out: Optional[Path], name: str, plot, show, json_out: bool, **kwargs) -> None:
-    """What store and usage do around their experiment: check --out, run, save JSON and plots, print."""
-    out_dir = check_out(run, out)
-    r = experiment(run, **kwargs)
-    doc = r.to_dict()
-    files = save_results(doc, name, out_dir, plot)
+def run_and_report(experiment, run: Path, out: Optional[Path], name: str, plot, show, json_out: bool, force: bool,
+                   **kwargs) -> None:
+    """What store and usage do around their experiment: check the run and --out, run, save JSON and plots, print."""
+    from imm_cli.experiments.store import MAX_SEQUENCES
+
+    command = name.removesuffix(".json")
+    if not 1 <= kwargs["sequences"] <= MAX_SEQUENCES:
+        raise InputError(f"--sequences must be between 1 and {MAX_SEQUENCES} (got {kwargs['sequences']})")
+    check_seed(kwargs["seed"])
+    names = (name, plot[0], COMBINED_PNG)
+    out_dir = check_out(run, out, command, names, force, needs_data=not kwargs["random_tokens"])
+    with holding(out_dir):
+        r = experiment(run, **kwargs)
+        doc = r.to_dict()
+        files = save_results(doc, name, out_dir, plot, command, names)
     show(r)
     files_line(files)
     if json_out:
@@ -137,4 +163,4 @@ def _table(r) -> None:
     t.add_row("NaN/inf seen", "yes: " + "; ".join(r.nonfinite_where[:3]) if r.nonfinite else "no")
     console.print(t)
     for n in r.notes:
-        console.print(f"note: {n}", highlight=False)
+        console.print(safe(f"note: {n}"), highlight=False)

@@ -10,9 +10,10 @@ from rich.markup import escape
 from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, parse_list, print_json
+from imm_cli.cli.common import (check_out_folder, check_outputs, check_seed, console, fmt, handle_errors, mark_outputs,
+                                parse_list, print_json, safe)
 from imm_cli.errors import InputError
-from imm_cli.experiments.sweep import FIGURES, PLOT, SweepSettings, label, run_sweep, varying
+from imm_cli.experiments.sweep import FIGURES, JSONL, PLOT, SETTINGS, SweepSettings, label, run_sweep, varying
 
 D = SweepSettings()
 DEFAULT_FACTS = Path("examples/facts.txt")
@@ -52,6 +53,7 @@ def sweep(
     sequences: int = typer.Option(D.sequences, help="Sequences walked by the store and usage figures."),
     rank_by: str = typer.Option("needle_recall_at_1", help=f"Figure that ranks the points, ties by validation loss: {', '.join(FIGURES)}."),
     out: Path = typer.Option(Path("runs/sweep"), help="Sweep folder; running again on it goes on where it stopped."),
+    force: bool = typer.Option(False, "--force", help="Use an --out folder holding files of the same names that imm did not write."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Grid over memory settings: short trainings ranked by needle recall@1 (then validation loss); resumable."""
@@ -59,8 +61,13 @@ def sweep(
         if not DEFAULT_FACTS.is_file():
             raise InputError("--facts is required (examples/facts.txt is not in this folder)")
         facts = DEFAULT_FACTS
-    elif not facts.is_file():
-        raise InputError(f"--facts {facts} does not exist or is not a file")
+    from imm_cli.facts import load_facts
+
+    try:  # the file and its lines, before any training (whether they fit a point's block is per point)
+        load_facts(facts)
+    except InputError as e:
+        raise InputError(f"--facts: {e}") from None
+    check_seed(seed)
     if rank_by not in FIGURES:
         raise InputError(f"--rank-by must be one of {', '.join(FIGURES)} (got {rank_by!r})")
     if sequences < 2:
@@ -73,19 +80,25 @@ def sweep(
 
         read_text_file(data, what="data file")
     check_out_folder(out)
+    if not (out / SETTINGS).exists():  # not an earlier sweep: replace nothing imm did not write
+        check_outputs(out, (JSONL, SETTINGS, PLOT, "points"), "sweep", force)
     settings = SweepSettings(
         slots=tuple(parse_list(slots, int, "--slots")), block_size=tuple(parse_list(block_size, int, "--block-size")),
         memory_lr=tuple(parse_list(memory_lr, float, "--memory-lr")), memory_norm=tuple(parse_list(memory_norm, str, "--memory-norm")),
         memory_temp=tuple(_temps(memory_temp)), memory=tuple(parse_list(memory, str, "--memory")),
         iters=iters, layers=layers, heads=heads, embd=embd, batch_size=batch_size, seed=seed, device=device,
-        data=str(data) if data is not None else None, sequences=sequences,
+        data=str(data.resolve()) if data is not None else None, sequences=sequences,
     )
     result = _with_progress(lambda cb: run_sweep(settings, out, facts, rank_by, cb))
     files = {"jsonl": str(out / "sweep.jsonl")}
     if result.points:
         from imm_cli.plots.sweep import plot_sweep
 
-        plot_sweep(result.points, rank_by, out / PLOT)
+        from imm_cli import runs
+
+        with runs.locked(out):
+            plot_sweep(result.points, rank_by, out / PLOT)
+            mark_outputs(out, [JSONL, SETTINGS, PLOT, "points"], "sweep")
         files["plot"] = str(out / PLOT)
     _print(result, files)
     if json_out:
@@ -113,7 +126,7 @@ def _with_progress(run):
             done = f", {e['done']} already done" if e["done"] else ""
             console.print(f"sweep: {e['points']} points{done}" + ("" if e["todo"] else ": all points done, nothing to train"))
         elif t == "point":
-            console.print(f"point {e['index']}/{e['points']}: {e['point']}")
+            console.print(safe(f"point {e['index']}/{e['points']}: {e['point']}"))
             task = None
         elif t == "start":
             task = progress.add_task("train", total=None, completed=e["step"], point="  train", loss="-")

@@ -21,13 +21,6 @@ M = ModelConfig()
 MM = MemoryConfig()
 
 
-class Device(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-    mps = "mps"
-
-
 class Kind(str, Enum):
     episodic = "episodic"
     linformer = "linformer"
@@ -57,16 +50,19 @@ def train(
     memory_lr: float = typer.Option(MM.lr, help="Linformer memory: EMA rate of a write (notes' best 0.04)."),
     memory_norm: Norm = typer.Option(Norm.layer, help="Linformer memory: state normalisation, layer or l2."),
     memory_temp: Optional[float] = typer.Option(None, help="Read temperature of the cosine attention [default: 0.8 linformer, 0.05 episodic (learned from there)]."),
-    memory_entries: int = typer.Option(MM.entries, help="Episodic memory: entries kept per slot from one segment, most surprising first; 0 = every position."),
+    memory_size: int = typer.Option(MM.size, help="Episodic memory: the budget in entries (one per stored position); when full, the least surprising entries go first."),
+    memory_topk: int = typer.Option(MM.topk, help="Episodic memory: stored entries each position reads, the best-matching ones; 0 = all (dilutes as the memory grows)."),
+    memory_entries: int = typer.Option(MM.entries, help="Episodic memory: positions one write offers at most, most surprising first; 0 = every position."),
     memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),
     memory_key_dim: int = typer.Option(MM.key_dim, help="Episodic memory: width of keys and queries."),
     memory_value_dim: int = typer.Option(MM.value_dim, help="Episodic memory: width of a stored byte's value before the output projection; 0 = --embd."),
     segments: int = typer.Option(D.segments, help="Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with]."),
     curriculum: float = typer.Option(D.curriculum, help="Share of episodes that are synthetic-fact recall episodes (memory models only)."),
+    max_gap: int = typer.Option(D.max_gap, help="Half the steps, 1..max-gap unscored segments of text before each episode's last segment: recall across a gap (episodic memory; 0 = off)."),
     grad_clip: float = typer.Option(D.grad_clip, help="Clip the gradient norm to this; 0 = off."),
     eval_every: int = typer.Option(D.eval_every, help="Steps between validation evaluations."),
     save_every: int = typer.Option(D.save_every, help="Steps between checkpoints."),
-    device: Device = typer.Option(Device.auto, help="auto picks cuda, then mps, then cpu. On CUDA, bf16 autocast where the GPU supports it. "
+    device: str = typer.Option(D.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps. On CUDA, bf16 autocast where the GPU supports it. "
                                   "Under torchrun --nproc_per_node N: one process per device (cuda:LOCAL_RANK, nccl) or per CPU share (gloo)."),
     compile: bool = typer.Option(D.compile, "--compile/--no-compile", help="torch.compile the model (first steps slower; checkpoints load anywhere without it)."),
     seed: int = typer.Option(D.seed, help="Seed of initialisation, data order and curriculum."),
@@ -80,19 +76,19 @@ def train(
         if out is not None and out.resolve() != resume.resolve():
             raise InputError(f"--out {out} and --resume {resume} name different folders; a resumed run stays in its folder")
         out = resume
-        model_cfg, train_cfg = _resume_configs(ctx, resume, iters, save_every, eval_every, device.value, compile)
+        model_cfg, train_cfg = _resume_configs(ctx, resume, iters, save_every, eval_every, device, compile, data)
     else:
         model_cfg = ModelConfig(
             block_size=block_size, n_layer=layers, n_head=heads, n_embd=embd,
             # the memory sits in the second-to-last block; a one-block model hosts it in its only block
             memory=MemoryConfig(kind=memory.value, slots=slots, layer=max(MM.layer, -layers), temp=memory_temp, lr=memory_lr, norm=memory_norm.value,
-                                entries=memory_entries, key_bytes=memory_key_bytes,
+                                size=memory_size, topk=memory_topk, entries=memory_entries, key_bytes=memory_key_bytes,
                                 key_dim=memory_key_dim, value_dim=memory_value_dim),
         ).check()
         train_cfg = TrainConfig(
-            iters=iters, batch_size=batch_size, segments=segments, lr=lr, curriculum=curriculum, grad_clip=grad_clip,
-            eval_every=eval_every, save_every=save_every, seed=seed, device=device.value, compile=compile,
-            data=str(data) if data is not None else None,
+            iters=iters, batch_size=batch_size, segments=segments, lr=lr, curriculum=curriculum, max_gap=max_gap, grad_clip=grad_clip,
+            eval_every=eval_every, save_every=save_every, seed=seed, device=device, compile=compile,
+            data=str(data.resolve()) if data is not None else None,  # resolved: found again from any folder
         ).check(model_cfg.memory)
         if out is None:
             out = Path("runs") / (f"{memory.value}-s{slots}" if slots else "s0")
@@ -120,30 +116,34 @@ def train(
 
 
 def _check_new_out(out: Path) -> None:
-    check_out_folder(out)
+    check_out_folder(out)  # refuses a folder another imm process writes, naming its pid
     if out.is_dir() and any(out.iterdir()):
         if (out / runs.CONFIG).exists():
             raise InputError(f"--out {out} already holds a run; continue it with --resume {out} or choose another --out")
-        if all(p.name in (runs.TRAIN_STATE, runs.WEIGHTS, runs.METRICS) or p.name.startswith(runs.TMP_PREFIX)
+        if all(p.name in (runs.TRAIN_STATE, runs.WEIGHTS, runs.METRICS, runs.LOCK) or p.name.startswith(runs.TMP_PREFIX)
                for p in out.iterdir()):
             raise InputError(f"--out {out} holds a run stopped before its first checkpoint was complete; "
                              f"delete that folder or choose another --out")
         raise InputError(f"--out {out} is not empty; choose an empty or new folder")
 
 
-def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, eval_every: int, device: str, compile: bool = False):
-    state = runs.check_resumable(run)  # config, weights and training state all load, before any work
-    saved_model = runs.load_model_config(run)
-    saved_train = runs.load_train_config(run)
+def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, eval_every: int, device: str,
+                    compile: bool = False, data: Optional[Path] = None):
+    state = runs.check_resumable(run)  # every config field, weights, training state, writable: before any work
+    saved_model = runs.load_model_config(run, strict=True)
+    saved_train = runs.load_train_config(run, strict=True)
+    # the data it was trained on, unchanged (size and sha256), or an explicit --data with the same content
+    data_path = runs.check_data(run, data)
     flag_to_value = {
         "slots": saved_model.memory.slots, "memory": saved_model.memory.kind, "layers": saved_model.n_layer,
         "heads": saved_model.n_head, "embd": saved_model.n_embd, "block_size": saved_model.block_size,
         "batch_size": saved_train.batch_size, "lr": saved_train.lr, "memory_lr": saved_model.memory.lr,
         "memory_norm": saved_model.memory.norm, "memory_temp": saved_model.memory.temp,
         "memory_entries": saved_model.memory.entries, "memory_key_bytes": saved_model.memory.key_bytes,
+        "memory_size": saved_model.memory.size, "memory_topk": saved_model.memory.topk, "max_gap": saved_train.max_gap,
         "memory_key_dim": saved_model.memory.key_dim, "memory_value_dim": saved_model.memory.value_dim,
         "segments": saved_train.segments, "curriculum": saved_train.curriculum, "grad_clip": saved_train.grad_clip,
-        "seed": saved_train.seed, "data": saved_train.data,
+        "seed": saved_train.seed,
     }
     for name, saved in flag_to_value.items():
         if not _given(ctx, name):
@@ -159,7 +159,7 @@ def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, 
             changes[name] = value
     from dataclasses import replace
 
-    train_cfg = replace(saved_train, **changes).check(saved_model.memory)
+    train_cfg = replace(saved_train, **changes, data=data_path).check(saved_model.memory)
     if state["step"] >= train_cfg.iters:
         raise InputError(f"{run} already trained {state['step']} steps (--iters {train_cfg.iters}); "
                          f"pass --iters above {state['step']} to go on")
@@ -189,6 +189,8 @@ def _with_progress(run):
                           + (", compiled" if e.get("compile") else "") + "; "
                           f"{e['episodes']} episodes x {e['segments']} segments per step"
                           + (f", {e['curriculum_episodes']} of them recall curriculum" if e["curriculum_episodes"] else ""))
+            if e.get("episode_path", "batched") != "batched":  # the slower exact loop: say so, and why
+                console.print(f"episodes run segment by segment ({e['episode_path'].split(': ', 1)[-1]})")
             task = progress.add_task("train", total=None, completed=e["step"], loss="-", tps="-", val="")
         elif e["type"] == "step" and task is not None:
             val = progress.tasks[0].fields["val"]

@@ -8,8 +8,9 @@ from typing import Optional
 import typer
 from rich.table import Table
 
-from imm_cli.cli.common import console, fmt, handle_errors
-from imm_cli.cli.store import OUT_HELP, RANDOM_HELP, RUN_HELP, SEED_HELP, SEQ_HELP, USAGE_JSON, memory_rows, run_and_report
+from imm_cli.cli.common import console, fmt, handle_errors, safe
+from imm_cli.cli.store import (FORCE_HELP, OUT_HELP, RANDOM_HELP, RUN_HELP, SEED_HELP, SEQ_HELP, USAGE_JSON, USAGE_PNG,
+                               memory_rows, run_and_report)
 
 
 @handle_errors
@@ -19,14 +20,15 @@ def usage(
     random_tokens: bool = typer.Option(False, "--random-tokens", help=RANDOM_HELP),
     seed: int = typer.Option(0, help=SEED_HELP),
     out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document with every figure and the usage matrix on stdout."),
 ) -> None:
     """Slot usage analysis: read attention per slot (slot mean = 1), evenness that can fail, gate values."""
     from imm_cli.experiments.usage import slot_usage
     from imm_cli.plots.store_usage import plot_slot_usage
 
-    run_and_report(slot_usage, run, out, USAGE_JSON, ("slot_usage_heatmap.png", plot_slot_usage), _tables,
-                   json_out, sequences=sequences, random_tokens=random_tokens, seed=seed)
+    run_and_report(slot_usage, run, out, USAGE_JSON, (USAGE_PNG, plot_slot_usage), _tables,
+                   json_out, force, sequences=sequences, random_tokens=random_tokens, seed=seed)
 
 
 def _slots(xs: list[int]) -> str:
@@ -75,4 +77,4 @@ def _tables(r) -> None:
         s.add_row(*row)
     console.print(s)
     for n in r.notes:
-        console.print(f"note: {n}", highlight=False)
+        console.print(safe(f"note: {n}"), highlight=False)

@@ -4,8 +4,9 @@ Layout of a sweep folder:
   sweep_settings.json  what every point shares (iters, model sizes, seed, data, facts): a folder
                        holds one sweep, a rerun with other shared settings is refused
   points/<name>/       the run folder of each point (what `imm train` makes, plus store/usage files)
-  sweep.jsonl          one JSON line per finished point (appended whole, fsynced): the record of
-                       what is done
+  sweep.jsonl          one JSON line per finished point (appended whole in one write, fsynced): the
+                       record of what is done; a damaged line is skipped with a note
+  .imm.lock            while a sweep runs: a second sweep on the folder is refused
   optimal_config_results.png  the figures across the grid (drawn by the CLI, plots/sweep.py)
 
 Resuming: a point already in sweep.jsonl is skipped; a point whose training was stopped resumes
@@ -18,7 +19,6 @@ from __future__ import annotations
 import itertools
 import json
 import math
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -135,53 +135,37 @@ def configs(p: Point, s: SweepSettings) -> tuple[ModelConfig, TrainConfig]:
 
 
 # --- sweep.jsonl: one whole line per finished point --------------------------------------------------
-def read_records(out: Path) -> dict[str, dict]:
-    """Finished points by name; a torn or damaged line (a crash while appending) is ignored."""
-    path = Path(out) / JSONL
+def read_records(out: Path) -> tuple[dict[str, dict], int]:
+    """(finished points by name, damaged lines skipped); a torn or damaged line (a crash while appending,
+    an edit) is skipped, and so is a line that is JSON but not a point record."""
+    rows, skipped = runs.read_jsonl(Path(out) / JSONL)
     done: dict[str, dict] = {}
-    if not path.is_file():
-        return done
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(rec, dict) and isinstance(rec.get("name"), str) and isinstance(rec.get("figures"), dict):
+    for rec in rows:
+        if isinstance(rec.get("name"), str) and isinstance(rec.get("figures"), dict):
             done[rec["name"]] = rec
-    return done
+        else:
+            skipped += 1
+    return done, skipped
 
 
 def append_record(out: Path, rec: dict) -> None:
-    """Append one line with a single write, then fsync: a line is either whole or ignored when read."""
-    path = Path(out) / JSONL
-    data = (json.dumps(runs.json_safe(rec)) + "\n").encode()
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, runs.FILE_MODE)
-    try:
-        size = os.fstat(fd).st_size
-        if size:  # a torn last line (no newline) must not swallow this one
-            with open(path, "rb") as f:
-                f.seek(size - 1)
-                if f.read(1) != b"\n":
-                    data = b"\n" + data
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
+    """Append one line with a single write, then fsync: a line is either whole or skipped when read."""
+    runs.append_jsonl(Path(out) / JSONL, [rec], fsync=True)
 
 
 def check_settings(out: Path, shared: dict) -> None:
     """A folder holds one sweep: refuse a rerun whose shared settings differ (one line, naming the first)."""
     path = Path(out) / SETTINGS
-    if not path.is_file():
+    if not path.exists() and not path.is_symlink():
         return
     try:
         saved = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        raise InputError(f"{path} is damaged; use another --out") from None
+    except (OSError, ValueError, RecursionError):
+        saved = None
+    if not isinstance(saved, dict) or not set(shared) <= set(saved):
+        raise InputError(f"{path} is damaged (not the settings of a sweep); use another --out")
     for k, v in shared.items():
-        if k in saved and saved[k] != v:
+        if saved[k] != v:
             flag = "--" + k.replace("_", "-")
             raise InputError(f"--out {out} holds a sweep made with {flag} {saved[k]} (now {v}); "
                              f"run it with the same settings to go on, or choose another --out")
@@ -196,7 +180,8 @@ def _train_point(p: Point, s: SweepSettings, run: Path, on_event) -> dict | None
     summary = None
     if (run / runs.CONFIG).is_file():
         summary = runs.read_config(run).get("summary") or {}
-        if summary.get("step", 0) >= s.iters and "val_loss" in summary:
+        done_step = summary.get("step", 0)
+        if isinstance(done_step, int) and done_step >= s.iters and "val_loss" in summary:
             return {**summary, "trained_now": False}
         resume = runs.load_train_state(run)["step"] < s.iters
     else:
@@ -301,11 +286,18 @@ def run_sweep(s: SweepSettings, out: Path, facts: Path | None, rank_by: str = "n
     shared = s.shared(facts)
     check_settings(out, shared)
     out.mkdir(parents=True, exist_ok=True)
+    with runs.locked(out):  # one sweep at a time in a folder
+        check_settings(out, shared)
+        return _run_locked(s, points, shared, out, facts, rank_by, emit)
+
+
+def _run_locked(s: SweepSettings, points: list[Point], shared: dict, out: Path, facts: Path | None, rank_by: str,
+                emit) -> SweepResult:
     (out / "points").mkdir(exist_ok=True)
     if not (out / SETTINGS).is_file():
         runs.atomic_write_json(out / SETTINGS, shared)
     t0 = time.perf_counter()
-    done = read_records(out)
+    done, damaged = read_records(out)
     skipped = [p.name for p in points if p.name in done]
     todo = [p for p in points if p.name not in done]
     emit({"type": "sweep", "points": len(points), "done": len(skipped), "todo": [p.name for p in todo]})
@@ -323,7 +315,7 @@ def run_sweep(s: SweepSettings, out: Path, facts: Path | None, rank_by: str = "n
         done[p.name] = rec
         emit({"type": "point_done", "point": p.name, "record": rec})
     records = [done[p.name] for p in points if p.name in done]
-    notes = []
+    notes = [f"{out / JSONL}: {damaged} damaged line(s) skipped"] if damaged else []
     if "episodic" in s.memory and (len(set(s.memory_lr)) > 1 or len(set(s.memory_norm)) > 1):
         notes.append("--memory-lr and --memory-norm do not act on the episodic memory: its points differ only in the other settings")
     return SweepResult(out=str(out), rank_by=rank_by, points=rank(records, rank_by), trained=trained,
