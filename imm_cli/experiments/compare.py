@@ -300,9 +300,9 @@ class StepTimer:
         from imm_cli.train import autocast_for, episode_loss
 
         t0 = time.perf_counter()
-        x, y = (t.to(self.device) for t in self.batches.next())
+        x, y, *gap = self.batches.next()  # (x, y) or (x, y, gap segments)
         with autocast_for(self.device):
-            loss = episode_loss(self.model, x, y)[0]
+            loss = episode_loss(self.model, x.to(self.device), y.to(self.device), *gap)[0]
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
