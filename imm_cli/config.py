@@ -13,7 +13,7 @@ from imm_cli.errors import InputError
 
 FORMAT_VERSION = 1  # bumped whenever config.json or the weight names change incompatibly
 
-MEMORY_KINDS = ("episodic", "linformer")
+MEMORY_KINDS = ("episodic", "linformer", "knn", "delta")
 MEMORY_NORMS = ("layer", "l2")
 
 
@@ -24,18 +24,18 @@ def _require(ok: bool, message: str) -> None:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    kind: str = "episodic"  # "episodic" (key/value entries, recalls) or "linformer" (the notes' pooled slots)
+    kind: str = "episodic"  # one of MEMORY_KINDS: episodic, linformer (the notes'), knn (Memorizing Transformers), delta (fast weights)
     slots: int = 8  # S memory slots per memory layer; 0 = no memory at all (the baseline model)
     layer: int = -2  # which block hosts the memory (negative counts from the end: -2 = third of four)
-    temp: float | None = None  # read temperature of the cosine attention; None = 0.8 for linformer (notes' best), 0.05 for episodic (learned from there)
+    temp: float | None = None  # read temperature of the cosine attention; None = 0.8 linformer, 0.05 episodic and knn (learned from there)
     lr: float = 0.04  # linformer: EMA rate merging a write into the state (notes' best 0.04)
     norm: str = "layer"  # linformer: state normalisation after each write, "layer" or "l2"
-    size: int = 4096  # episodic: the memory's budget in entries (one entry = one position's context -> next byte)
-    topk: int = 8  # episodic: stored entries each query reads, the best-matching ones; 0 = all (dilutes as the memory grows)
+    size: int = 4096  # episodic, knn: the memory's budget in entries (one entry per written position; knn drops the oldest)
+    topk: int = 8  # episodic, knn: stored entries each query reads, the best-matching ones; 0 = all (episodic), 32 (knn)
     entries: int = 0  # episodic: positions one write offers at most, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
-    key_dim: int = 64  # episodic: width of keys and queries
-    value_dim: int = 0  # episodic: width of a stored byte's value before the output projection; 0 = n_embd (a byte needs few dims)
+    key_dim: int = 64  # episodic, knn, delta: width of keys and queries (knn: over all its heads)
+    value_dim: int = 0  # episodic, knn, delta: width of a stored value before the output projection; 0 = n_embd (a byte needs few dims)
     local: bool = True  # episodic: positions also read the entries of earlier positions of their own segment
     decay: float = 1.0  # episodic: retention scores are multiplied by this at every write (< 1: older entries go first)
     gate_bias: float = 1.0  # initial bias of the read gate: sigmoid(1.0) = 0.73, the gate starts open

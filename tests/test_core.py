@@ -18,7 +18,7 @@ from imm_cli.cli.app import app
 from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig
 from imm_cli.model import GPT
 
-KINDS = ["episodic", "linformer"]
+KINDS = ["episodic", "linformer", "knn", "delta"]
 
 
 def tiny_model(kind: str = "episodic", slots: int = 4, seed: int = 0, **memory) -> GPT:

@@ -3,12 +3,16 @@ config.MEMORY_KINDS, which the flags check against); the model does not change."
 
 from imm_cli.config import MemoryConfig
 from imm_cli.memory.base import PAD, Memory, Segment, State
+from imm_cli.memory.delta import DeltaMemory
 from imm_cli.memory.episodic import EpisodicMemory
+from imm_cli.memory.knn import KNNMemory
 from imm_cli.memory.linformer import LinformerMemory
 
 KINDS: dict[str, type[Memory]] = {
     "episodic": EpisodicMemory,
     "linformer": LinformerMemory,
+    "knn": KNNMemory,
+    "delta": DeltaMemory,
 }
 
 
