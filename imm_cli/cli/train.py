@@ -13,7 +13,7 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json
-from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig, to_dict
+from imm_cli.config import MEMORY_KINDS, MemoryConfig, ModelConfig, TrainConfig, to_dict
 from imm_cli.errors import InputError
 
 D = TrainConfig()
@@ -21,9 +21,7 @@ M = ModelConfig()
 MM = MemoryConfig()
 
 
-class Kind(str, Enum):
-    episodic = "episodic"
-    linformer = "linformer"
+Kind = Enum("Kind", {k: k for k in MEMORY_KINDS}, type=str)  # --memory's choices: every registered memory kind
 
 
 class Norm(str, Enum):
@@ -39,7 +37,9 @@ RESUMABLE = {"iters", "save_every", "eval_every", "device", "compile", "json_out
 def train(
     ctx: typer.Context,
     slots: int = typer.Option(MM.slots, help="Memory slots per memory layer; 0 = the same GPT with no memory (the baseline)."),
-    memory: Kind = typer.Option(Kind.episodic, help="Memory kind: episodic (key/value entries that recall facts) or linformer (the notes' pooled slots)."),
+    memory: Kind = typer.Option(Kind.episodic, help="Memory kind: episodic (key/value entries that recall facts), linformer (the notes' pooled slots), "
+                                                      "knn (Memorizing Transformers: top-k over stored keys/values of hidden states, FIFO) "
+                                                      "or delta (a fast-weight matrix written with the delta rule)."),
     layers: int = typer.Option(M.n_layer, help="Transformer blocks."),
     heads: int = typer.Option(M.n_head, help="Attention heads per block."),
     embd: int = typer.Option(M.n_embd, help="Residual stream width."),
