@@ -112,7 +112,7 @@ def test_figures_are_those_of_the_runs_files(imm, ep_run, s0_run, tmp_path):
     assert {s0["status"][k] for k in ("store", "usage", "needle", "recall")} == {"no memory"}
     assert snapshot(s0_run) == untouched
     # compare's own files
-    assert sorted(p.name for p in out.iterdir()) == ["compare.json", "compare.png"]
+    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["compare.json", "compare.png"]
     assert (out / "compare.png").read_bytes()[:8] == PNG
     saved = json.loads((out / "compare.json").read_text())
     assert saved["runs"] == doc["runs"] and doc["files"]["json"] == str(out / "compare.json")
@@ -195,7 +195,7 @@ def test_training_speed_against_slots0(imm, ep_run, s0_run, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing", "not_a_run", "none", "twice", "facts", "out_is_run", "device", "speed_seconds",
-                                  "read_only"])
+                                  "read_only", "foreign_out"])
 def test_bad_input_is_one_line_and_exit_2(imm, tiny_run, tmp_path, monkeypatch, case):
     if case == "read_only" and os.geteuid() == 0:
         pytest.skip("root writes anywhere")
@@ -203,7 +203,10 @@ def test_bad_input_is_one_line_and_exit_2(imm, tiny_run, tmp_path, monkeypatch, 
     bare = tmp_path / "bare"
     shutil.copytree(tiny_run, bare)
     (tmp_path / "empty").mkdir()
-    args = {"missing": [str(tmp_path / "nope")], "not_a_run": [str(tmp_path / "empty")], "none": [], "read_only": [str(bare)],
+    if case == "foreign_out":  # a compare.json that imm did not write is not replaced without --force
+        (tmp_path / "o").mkdir()
+        (tmp_path / "o" / "compare.json").write_text("mine")
+    args = {"missing": [str(tmp_path / "nope")], "not_a_run": [str(tmp_path / "empty")], "none": [], "read_only": [str(bare)], "foreign_out": [str(bare), "--no-run"],
             "twice": [str(bare), str(bare) + "/."], "facts": [str(bare)],
             "out_is_run": [str(bare), "--no-run", "--out", str(bare)], "device": [str(bare), "--no-run", "--device", "tpu"],
             "speed_seconds": [str(bare), "--no-run", "--speed-seconds", "-1"]}[case]

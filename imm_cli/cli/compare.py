@@ -11,7 +11,8 @@ from rich.table import Table
 from rich.text import Text
 
 from imm_cli import runs
-from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json
+from imm_cli.cli.common import check_out_folder, check_outputs, console, fmt, handle_errors, holding, mark_outputs, print_json
+from imm_cli.cli.store import FORCE_HELP
 from imm_cli.errors import InputError
 from imm_cli.experiments.compare import CONDITIONS, STORE_CONTROLS, CompareSettings, compare as compare_runs
 
@@ -33,6 +34,7 @@ def compare(
     speed_seconds: float = typer.Option(D.speed_seconds, help="Seconds of paired speed rounds per run."),
     out: Path = typer.Option(Path("runs/compare"), help="Folder for compare.json and compare.png."),
     device: str = typer.Option(D.device, help="cpu, cuda, mps or auto (experiments run and speed)."),
+    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Compare runs: parameters, validation loss, needle recall per condition, capacity, pattern similarity,
@@ -42,11 +44,13 @@ def compare(
     if Path(out).resolve() in resolved or (Path(out) / runs.CONFIG).is_file():
         raise InputError(f"--out {out} is a run folder; compare writes its own files elsewhere (e.g. --out runs/compare)")
     check_out_folder(out)
+    check_outputs(out, (COMPARE_JSON, COMPARE_PNG), "compare", force)
     settings = CompareSettings(facts=facts, run_missing=run_missing, speed=speed, speed_seconds=speed_seconds, device=device)
-    with console.status("compare: reading runs") as status:
-        result = compare_runs(paths, settings, progress=lambda msg: status.update(f"compare: {msg}"))
-    doc = result.to_dict()
-    files = _save(doc, Path(out))
+    with holding(out):
+        with console.status("compare: reading runs") as status:
+            result = compare_runs(paths, settings, progress=lambda msg: status.update(f"compare: {msg}"))
+        doc = result.to_dict()
+        files = _save(doc, Path(out))
     _print(doc)
     console.print("wrote " + ", ".join(files.values()), highlight=False, soft_wrap=True)
     if json_out:
@@ -57,9 +61,11 @@ def _save(doc: dict, out: Path) -> dict:
     from imm_cli.plots.compare import plot_compare
 
     out.mkdir(parents=True, exist_ok=True)
-    files = {"json": str(out / COMPARE_JSON), "plot": str(out / COMPARE_PNG)}
-    plot_compare(doc, out / COMPARE_PNG)
-    runs.atomic_write_json(out / COMPARE_JSON, {**doc, "files": files})
+    with runs.locked(out):
+        files = {"json": str(out / COMPARE_JSON), "plot": str(out / COMPARE_PNG)}
+        plot_compare(doc, out / COMPARE_PNG)
+        runs.atomic_write_json(out / COMPARE_JSON, {**doc, "files": files})
+        mark_outputs(out, [COMPARE_JSON, COMPARE_PNG], "compare")
     return files
 
 

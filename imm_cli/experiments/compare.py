@@ -106,6 +106,8 @@ def plan(paths: list[Path], settings: CompareSettings) -> dict[Path, list[str]]:
         if todo[p] and not os.access(p, os.W_OK | os.X_OK):
             raise InputError(f"run folder {p} is not writable, and {', '.join(FILES[e] for e in todo[p])} would be written "
                              "there; make it writable or pass --no-run")
+        if todo[p]:
+            runs.check_not_busy(p)  # another imm process writes it (training, an experiment)
     return todo
 
 
@@ -254,26 +256,30 @@ EXTRACT = {"store": store_figures, "usage": usage_figures, "needle": needle_figu
 
 # --- running what is missing ----------------------------------------------------------------------
 def run_experiment(run: Path, experiment: str, settings: CompareSettings) -> dict:
-    """Run one experiment with its defaults and write its JSON into the run folder, as its command does."""
-    if experiment == "store":
-        from imm_cli.experiments.store import pattern_storage
+    """Run one experiment with its defaults and write its JSON into the run folder, as its command does
+    (holding the folder's lock throughout, on the data the run was trained on)."""
+    with runs.locked(run):
+        runs.check_data(run)
+        if experiment == "store":
+            from imm_cli.experiments.store import pattern_storage
 
-        doc = pattern_storage(run).to_dict()
-    elif experiment == "usage":
-        from imm_cli.experiments.usage import slot_usage
+            doc = pattern_storage(run).to_dict()
+        elif experiment == "usage":
+            from imm_cli.experiments.usage import slot_usage
 
-        doc = slot_usage(run).to_dict()
-    elif experiment == "needle":
-        from imm_cli.experiments.needle import run_needle
-        from imm_cli.experiments.setup import open_facts, open_run
+            doc = slot_usage(run).to_dict()
+        elif experiment == "needle":
+            from imm_cli.experiments.needle import run_needle
+            from imm_cli.experiments.setup import open_facts, open_run
 
-        model, _, text = open_run(run, settings.device)
-        doc = {"run": str(run), "facts_file": str(settings.facts), **run_needle(model, open_facts(settings.facts, model), text).to_dict()}
-    else:
-        raise ValueError(f"compare does not run {experiment}")
-    path = Path(run) / FILES[experiment]
-    doc = runs.json_safe({**doc, "files": {"json": str(path)}})
-    runs.atomic_write_json(path, doc)
+            model, _, text = open_run(run, settings.device)
+            facts = open_facts(settings.facts, model)
+            doc = {"run": str(run), "facts_file": str(settings.facts), **run_needle(model, facts, text).to_dict()}
+        else:
+            raise ValueError(f"compare does not run {experiment}")
+        path = Path(run) / FILES[experiment]
+        doc = runs.json_safe({**doc, "files": {"json": str(path)}})
+        runs.atomic_write_json(path, doc)
     return doc
 
 
