@@ -183,111 +183,106 @@ class CurriculumEpisode:
     cued: list[Fact] = field(default_factory=list)  # facts recalled in the last segment, in order
 
 
-def _insert_positions(chunk: bytes, k: int, rng: random.Random) -> list[int]:
-    """k insertion points in chunk (1..len), preferring line starts, then word starts."""
-    if not chunk:
-        return [0] * k
-    for sep in (b"\n", b" "):
-        cands = [m.end() for m in re.finditer(re.escape(sep), chunk)]
-        if cands:
-            return sorted(rng.choice(cands) for _ in range(k))
-    return sorted(rng.randint(1, len(chunk)) for _ in range(k))
+PLACEMENTS = ("line", "prose")  # a fact (or a cue) on its own line, or inside a line of running text
+_LINE_START = re.compile(rb"\n")
+_MID_LINE = re.compile(rb"[^\s] ")
+
+
+def _splice(chunk: bytes, items: list[bytes], placements: list[str], rng: random.Random,
+            early: bool = False) -> tuple[bytes, list[int]]:
+    """Insert each item into chunk: "line" right after a newline (the item then ends its own line),
+    "prose" right after a space inside a line (words before and after it on the same line).
+    Returns the text and the offset of each item in it. `early`: all items in the first quarter."""
+    span = max(1, len(chunk) // 4) if early else len(chunk)
+    head = chunk[:span]
+    cands = {  # "prose": after a space that follows a word, so the item never starts its line
+        "line": [m.end() for m in _LINE_START.finditer(head)],
+        "prose": [m.end() for m in _MID_LINE.finditer(head)],
+    }
+    points = [rng.choice(cands[p]) if cands[p] else 0 for p in placements]
+    order = sorted(range(len(items)), key=lambda i: points[i])
+    out, offsets, pos, length = [], [0] * len(items), 0, 0
+    for i in order:
+        at = points[i]
+        out.append(chunk[pos:at])
+        length += at - pos
+        item = items[i] + (b"\n" if placements[i] == "line" else b" ")
+        if at == 0 and placements[i] == "line":
+            item = b"\n" + item  # no newline to follow: start a line
+            offsets[i] = length + 1
+        else:
+            offsets[i] = length
+        out.append(item)
+        length += len(item)
+        pos = at
+    out.append(chunk[pos:])
+    return b"".join(out), offsets
 
 
 def curriculum_episode(
-    text: np.ndarray, segments: int, block: int, rng: random.Random, max_facts: int = 8
+    text: np.ndarray, segments: int, block: int, rng: random.Random, max_facts: int = 8,
+    prose: float = 0.5,
 ) -> CurriculumEpisode:
     """One recall-curriculum episode (see the module docstring).
 
-    Layout in bytes (one stream of ``segments * block + 1`` bytes, cut into x and y):
-    the write region is the first ``max(1, (segments - 1) // 2)`` segments (for one
-    segment: the first half), corpus text with ``k`` in 1..max_facts facts inserted as
-    lines; corpus text continues through the gap; the cued facts are written as lines,
-    in random order, inside the last segment (for one segment: after the write region),
-    surrounded by more corpus text. A fact may straddle a segment boundary.
+    One stream of ``segments * block + 1`` bytes of consecutive corpus text, cut into x and y. The
+    write region is every segment but the last (for one segment: its first half): 1 to
+    ``max_facts`` facts are spliced into it, all in its first quarter (half the episodes: facts
+    long before their cues) or anywhere in it. The last segment (for one segment: the rest) repeats
+    the facts that fit, in random order. Each fact and each cue is placed on its own line or, with
+    probability ``prose``, inside a line of running text (the cue then follows other words).
     """
     if segments < 1 or block < 1 or max_facts < 1:
         raise ValueError("segments, block and max_facts must be positive")
     total = segments * block + 1
     if len(text) < total + 1:
         raise InputError(f"text of {len(text):,} bytes is too short for {segments} segments of {block} bytes")
-
-    if segments >= 2:
-        write_cap = max(1, (segments - 1) // 2) * block
-        recall_lo = (segments - 1) * block
-        recall_cap = total - recall_lo
-    else:
-        write_cap = block // 2
-        recall_lo = 0
-        recall_cap = total - write_cap
-    max_fact = min(MAX_FACT_BYTES, max(40, min(write_cap, recall_cap) - 3))
+    write_cap = (segments - 1) * block if segments >= 2 else block // 2
+    recall_cap = total - write_cap
+    max_fact = min(MAX_FACT_BYTES, max(40, min(write_cap // 2, recall_cap - 3)))
 
     synth = SyntheticFacts(rng, words=corpus_words(text))
     facts = synth.sample_many(rng.randint(1, max_facts), max_bytes=max_fact)
-
-    written: list[Fact] = []
-    used = 0
-    for f in facts:  # keep the facts that fit the write region (always at least one)
+    written, used = [], 0
+    for f in facts:  # the facts that leave at least half the write region to text (always one)
         need = len(f.text) + 2
-        if written and used + need > write_cap - 1:
+        if written and used + need > write_cap // 2:
             break
         written.append(f)
         used += need
-
-    cued_all = rng.sample(written, len(written))
-    cued: list[Fact] = []
-    rused = 1  # the newline before the first cued fact
-    for f in cued_all:  # recall all that fit the last segment (always at least one)
-        need = len(f.text) + 1
-        if cued and rused + need > recall_cap:
+    cued, rused = [], 0
+    for f in rng.sample(written, len(written)):  # recall all that fit the last segment (always one)
+        need = len(f.text) + 2
+        if cued and rused + need > recall_cap - 1:
             break
         cued.append(f)
         rused += need
 
-    # corpus text, consecutive from a random start; facts are spliced in between its bytes
+    def place() -> str:
+        return "prose" if rng.random() < prose else "line"
+
     start = rng.randrange(0, len(text) - total)
     corpus = text[start : start + total].tobytes()
-    cpos = 0  # next unused corpus byte
-
-    chunk_len = max(0, write_cap - used)
-    chunk = corpus[:chunk_len]
-    cpos = chunk_len
-    pieces: list[bytes] = []
-    fact_offsets: list[tuple[int, Fact]] = []  # (stream offset of fact text, fact), for cued facts
-    pos = 0
-    length = 0
-    for at, f in zip(_insert_positions(chunk, len(written), rng), written):
-        pieces.append(chunk[pos:at])
-        length += at - pos
-        pieces.append(b"\n" + f.text.encode("ascii") + b"\n")
-        length += len(f.text) + 2
-        pos = at
-    pieces.append(chunk[pos:])
-    length += len(chunk) - pos
-
-    lo = max(recall_lo, length)
-    hi = total - rused
-    recall_at = rng.randint(lo, hi) if hi >= lo else lo
-    gap = recall_at - length
-    pieces.append(corpus[cpos : cpos + gap])
-    cpos += gap
-    length += gap
-    recall = [b"\n"]
-    length += 1
-    for f in cued:
-        fact_offsets.append((length, f))
-        recall.append(f.text.encode("ascii") + b"\n")
-        length += len(f.text) + 1
-    pieces.extend(recall)
-    stream = b"".join(pieces)
+    items = [f.text.encode("ascii") for f in written]
+    pre, _ = _splice(corpus[: max(0, write_cap - used)], items, [place() for _ in written], rng,
+                     early=rng.random() < 0.5)
+    pre = pre[:write_cap]  # a fact at the very end may be cut: it is then not cued (checked below)
+    rest_len = total - len(pre)
+    cue_items = [f.text.encode("ascii") for f in cued]
+    inserted = sum(len(c) + 2 for c in cue_items)
+    tail, offsets = _splice(corpus[len(corpus) - max(0, rest_len - inserted):], cue_items, [place() for _ in cued], rng)
+    stream = (pre + tail)[:total]
     if len(stream) < total:
-        stream += corpus[cpos : cpos + total - len(stream)]
-    stream = stream[:total]
+        stream += corpus[: total - len(stream)]
+    kept = [(len(pre) + off, f) for off, f in zip(offsets, cued) if len(pre) + off + len(f.text) <= total
+            and stream[:len(pre)].count(f.text.encode()) >= 1]
+    if not kept:  # never happens with the sizes above; a degenerate episode rather than a crash
+        kept = []
     assert len(stream) == total
 
     arr = np.frombuffer(stream, dtype=np.uint8).astype(np.int64)
     mask = np.zeros(total - 1, dtype=bool)
-    for off, f in fact_offsets:
+    for off, f in kept:
         a = off + len(f.cue) - 1  # y index j predicts stream byte j + 1
         b = off + len(f.text) - 1
         mask[max(0, a) : max(0, min(b, total - 1))] = True
@@ -296,7 +291,7 @@ def curriculum_episode(
         y=arr[1:].reshape(segments, block),
         answer_mask=mask.reshape(segments, block),
         written=written,
-        cued=cued,
+        cued=[f for _, f in kept],
     )
 
 

@@ -1,19 +1,29 @@
 """Needle in a haystack: is a fact seen once, inside other text, recalled later from its cue alone?
 
 Protocol (per trial, batched over facts):
-  write   each fact is put once, as a line, at `depth` of `length` bytes of held-out text, and the
-          haystack is presented with memory updates on (a fresh memory per fact);
-  test    memory frozen, a new context (other held-out text, no fact) ends with the two-word cue;
-          the rest is generated greedily and scored teacher-forced.
+  write   each fact is put once at `depth` of `length` bytes of held-out text, on a line of its own
+          ("line") or inside a line of running text ("prose"), and the haystack is presented with
+          memory updates on (a fresh memory per fact);
+  test    memory frozen, a new context (other held-out text, no fact) ends with the two-word cue (at
+          a line start, or after other words on its line for "prose"); the rest is generated
+          greedily and scored teacher-forced.
 Conditions side by side, same prompts:
   memory       the memory written with this fact's haystack;
   fresh        a fresh memory (nothing written): what the model guesses from the cue alone;
-  other_facts  a memory written the same way with the haystacks of other facts (as many as its
-               slots hold without evicting, at least one), never this one;
-  in_context   a fresh memory, the fact inside the attention window before the cue (upper bound).
+  other_facts  the memory written with the next fact's haystack (same length, same placement),
+               never this one: a memory as full as the first, holding the wrong fact;
+  in_context   a fresh memory, the fact inside the attention window before the cue (upper bound);
+               null, with a note, for facts too long to fit the window beside their cue.
 Figures per condition: exact match of the greedy rest, character accuracy (teacher-forced),
 loss per byte of the true rest, recall@1 (the true rest has the lowest loss among all facts' rests).
-Sweeps: haystack length x depth (memory condition) and number of facts stored (capacity).
+
+Sweeps, each beside its controls:
+  heatmap   haystack length x depth (memory condition);
+  distance  the fact at depth 0 of ever longer haystacks: bytes written after it (memory, fresh,
+            other_facts);
+  document  N facts spread through one text (`spacing` bytes each) written into one memory, each
+            cued afterwards: the capacity curve in N, beside a fresh memory and the same text
+            written without its facts ("text only").
 """
 
 from __future__ import annotations
@@ -32,6 +42,7 @@ from imm_cli.model import GPT
 
 CONDITIONS = ("memory", "fresh", "other_facts", "in_context")
 METRICS = ("exact_match", "char_accuracy", "loss_per_byte", "recall_at_1")
+MAX_HAYSTACK = 65_536
 
 
 @dataclass
@@ -41,9 +52,12 @@ class NeedleSettings:
     trials: int = 3  # haystack draws; figures are mean and std over trials
     context: int = 32  # bytes of other text before the cue in the test context
     seed: int = 0
-    lengths: tuple[int, ...] = (256, 512, 1024, 2048)  # heatmap rows
+    placements: tuple[str, ...] = ("line", "prose")  # how the fact and its cue sit in text; the first is the headline
+    lengths: tuple[int, ...] = (512, 2048, 8192)  # heatmap rows (up to 65,536)
     depths: tuple[float, ...] = (0.0, 0.5, 1.0)  # heatmap columns
-    capacity: tuple[int, ...] = (1, 2, 4, 8, 16)  # facts stored in one memory (capped at the facts given)
+    distance: tuple[int, ...] = (1024, 4096, 16384)  # haystacks with the fact at depth 0 (up to 65,536)
+    document: tuple[int, ...] = (4, 8, 16, 32, 64, 128)  # facts in one document (capped at the facts given)
+    spacing: int = 512  # bytes of text per fact in the document
     sweeps: bool = True
 
 
@@ -51,45 +65,36 @@ class NeedleSettings:
 class NeedleResult:
     settings: dict
     model: dict
-    conditions: dict[str, dict[str, float]]
+    conditions: dict[str, dict[str, float] | None]
     facts: list[dict]
+    placements: dict[str, dict] = field(default_factory=dict)
     heatmap: dict | None = None
+    distance: dict | None = None
     capacity: dict | None = None
     seconds: float = 0.0
     verdict: str = ""
+    notes: list[str] = field(default_factory=list)
     per_trial: list[dict] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
 
-def check_facts(model: GPT, facts: list[Fact], context: int) -> None:
-    """Every prompt + rest must fit one block, the fact-in-window control included."""
-    if len(facts) < 2:
-        raise InputError("needle needs at least 2 facts (recall@1 and the other-facts control compare facts)")
-    B = model.cfg.block_size
-    r_max = max(len(f.rest.encode()) for f in facts)
-    for i, f in enumerate(facts):
-        need_ic = len(f.text.encode()) + 2 + 1 + len(f.cue.encode()) + r_max - 1
-        need = context + 1 + len(f.cue.encode()) + r_max - 1
-        if max(need, need_ic) > B:
-            raise InputError(
-                f"fact {i + 1} ({f.text[:40]!r}) does not fit the model's {B}-byte window with its cue, "
-                f"the longest rest and the fact-in-window control; use shorter facts or a model with a larger --block-size"
-            )
-
-
 def _prompt_len(facts: list[Fact], context: int) -> int:
     return context + 1 + max(len(f.cue.encode()) for f in facts)
+
+
+def _fits_in_window(model: GPT, f: Fact, r_max: int) -> bool:
+    """Whether the fact, a newline, its cue and the longest rest fit one window (the in-context control)."""
+    return len(f.text.encode()) + 2 + 1 + len(f.cue.encode()) + r_max - 1 <= model.cfg.block_size
 
 
 @torch.no_grad()
 def _evaluate(model: GPT, state, prompts: torch.Tensor, rests: list[bytes], with_rank: bool = True) -> dict:
     scores = probe.score_rests(model, state, prompts, rests)
     gen = probe.complete(model, state, prompts, max(len(r) for r in rests))
-    exact = probe.exact_matches(gen, rests)
     out = {
-        "exact": exact,
+        "exact": probe.exact_matches(gen, rests),
         "generated": gen,
         "char_accuracy": scores["char_accuracy"].cpu().tolist(),
         "loss_per_byte": scores["loss_per_byte"].cpu().tolist(),
@@ -100,47 +105,55 @@ def _evaluate(model: GPT, state, prompts: torch.Tensor, rests: list[bytes], with
 
 
 @torch.no_grad()
-def _write_haystacks(model: GPT, rows: list[list[bytes]], device) -> object:
-    """rows[i] = the haystacks memory i is shown, in order; returns the states (one per row)."""
-    state = model.init_state(len(rows), device)
-    for k in range(max(len(r) for r in rows)):
-        ids = probe.as_ids([r[k] for r in rows], device)
-        state, _ = probe.write_text(model, state, ids)
+def _write_haystacks(model: GPT, rows: list[bytes], device) -> object:
+    """One fresh memory per row, written with that row's text; returns the states (batched)."""
+    state, _ = probe.write_text(model, model.init_state(len(rows), device), probe.as_ids(rows, device))
     return state
 
 
+def _rotate(state, shift: int = 1):
+    """Row i gets memory (i + shift) mod N: every fact tested against another fact's memory."""
+    return None if state is None else {k: v.roll(-shift, dims=0) for k, v in state.items()}
+
+
+def _prompts(text, facts, P, rng, placement, device):
+    return probe.as_ids([probe.cue_prompt(text, f, P, rng, placement=placement) for f in facts], device)
+
+
 @torch.no_grad()
-def run_trial(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings, rng: random.Random) -> dict:
+def run_trial(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings, rng: random.Random,
+              placement: str) -> dict:
     device = model.wte.weight.device
     N = len(facts)
     rests = probe.encode_rests(facts)
     P = _prompt_len(facts, s.context)
-    hay = [probe.haystack(text, f, s.length, s.depth, rng) for f in facts]
-    prompts = probe.as_ids([probe.cue_prompt(text, f, P, rng) for f in facts], device)
-    B = model.cfg.block_size
-    P_ic = B - max(len(r) for r in rests) + 1
-    ic_prompts = probe.as_ids([probe.cue_prompt(text, f, P_ic, rng, before=b"\n" + f.text.encode() + b"\n") for f in facts], device)
-
-    others = other_facts_count(model, N, s.length)
-    states = {
-        "memory": _write_haystacks(model, [[h] for h in hay], device),
-        "fresh": model.init_state(N, device),
-        "other_facts": _write_haystacks(model, [[hay[(i + k) % N] for k in range(1, others + 1)] for i in range(N)], device),
-    }
-    out = {name: _evaluate(model, st, prompts, rests) for name, st in states.items()}
-    out["in_context"] = _evaluate(model, model.init_state(N, device), ic_prompts, rests)
+    hay = [probe.haystack(text, f, s.length, s.depth, rng, placement) for f in facts]
+    prompts = _prompts(text, facts, P, rng, placement, device)
+    written = _write_haystacks(model, hay, device)
+    out = {"memory": _evaluate(model, written, prompts, rests),
+           "fresh": _evaluate(model, model.init_state(N, device), prompts, rests),
+           "other_facts": _evaluate(model, _rotate(written), prompts, rests)}
+    r_max = max(len(r) for r in rests)
+    fit = [i for i, f in enumerate(facts) if _fits_in_window(model, f, r_max)]
+    if fit:  # the fact in the window, then the cue (the fact's own placement): only for facts that fit
+        B = model.cfg.block_size
+        P_ic = B - r_max + 1
+        ic = probe.as_ids([probe.cue_prompt(text, facts[i], P_ic, rng, placement=placement,
+                                            before=b"\n" + facts[i].text.encode() + b"\n") for i in fit], device)
+        res = _evaluate(model, model.init_state(len(fit), device), ic, [rests[i] for i in fit], with_rank=len(fit) > 1)
+        res.setdefault("recall_at_1", [True] * len(fit))
+        out["in_context"] = {**res, "rows": fit}
+    else:
+        out["in_context"] = None
     return out
 
 
-def other_facts_count(model: GPT, n_facts: int, length: int) -> int:
-    """How many other facts the control writes: as many haystacks as the slots hold (at least 1)."""
-    segments = -(-length // model.cfg.block_size)
-    return max(1, min(n_facts - 1, model.cfg.memory.slots // segments))
-
-
-def _summarise(per_trial: list[dict]) -> dict[str, dict[str, float]]:
-    res = {}
+def _summarise(per_trial: list[dict]) -> dict[str, dict[str, float] | None]:
+    res: dict[str, dict[str, float] | None] = {}
     for cond in CONDITIONS:
+        if any(t.get(cond) is None for t in per_trial):
+            res[cond] = None
+            continue
         row = {}
         for metric, key in (("exact_match", "exact"), ("char_accuracy", "char_accuracy"),
                             ("loss_per_byte", "loss_per_byte"), ("recall_at_1", "recall_at_1")):
@@ -158,51 +171,103 @@ def heatmap(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings) 
     rng = random.Random(s.seed + 10_000)
     rests = probe.encode_rests(facts)
     P = _prompt_len(facts, s.context)
+    place = s.placements[0]
     em = np.zeros((len(s.lengths), len(s.depths)))
     ca = np.zeros_like(em)
+    N = len(facts)
     for li, L in enumerate(s.lengths):
-        hay, prompts, all_rests = [], [], []
+        hay, prompts = [], []
         for d in s.depths:
-            hay += [probe.haystack(text, f, L, d, rng) for f in facts]
-            prompts += [probe.cue_prompt(text, f, P, rng) for f in facts]
-            all_rests += rests
-        state = _write_haystacks(model, [[h] for h in hay], device)
-        r = _evaluate(model, state, probe.as_ids(prompts, device), all_rests, with_rank=False)
-        N = len(facts)
+            hay += [probe.haystack(text, f, L, d, rng, place) for f in facts]
+            prompts += [probe.cue_prompt(text, f, P, rng, placement=place) for f in facts]
+        r = _evaluate(model, _write_haystacks(model, hay, device), probe.as_ids(prompts, device), rests * len(s.depths),
+                      with_rank=False)
         for di in range(len(s.depths)):
             em[li, di] = np.mean(r["exact"][di * N:(di + 1) * N])
             ca[li, di] = np.mean(r["char_accuracy"][di * N:(di + 1) * N])
-    return {"lengths": list(s.lengths), "depths": list(s.depths), "exact_match": em.tolist(), "char_accuracy": ca.tolist()}
+    return {"lengths": list(s.lengths), "depths": list(s.depths), "placement": place,
+            "exact_match": em.tolist(), "char_accuracy": ca.tolist()}
+
+
+def _curve_point(r: dict) -> tuple[float, float]:
+    return float(np.mean(r["exact"])), float(np.mean(r["char_accuracy"]))
 
 
 @torch.no_grad()
-def capacity(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings) -> dict:
-    """n facts written into one memory (each in its own haystack, in order), then each recalled."""
+def distance(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings) -> dict:
+    """The fact at depth 0 of haystacks of each length (the bytes written after it), with controls."""
     device = model.wte.weight.device
-    rng = random.Random(s.seed + 20_000)
+    rng = random.Random(s.seed + 30_000)
+    rests = probe.encode_rests(facts)
     P = _prompt_len(facts, s.context)
-    ns = sorted({min(n, len(facts)) for n in s.capacity if n >= 1})
-    res = {"n_facts": [], "exact_match": [], "char_accuracy": [], "memories": []}
-    for n in ns:
-        groups = len(facts) // n
-        used = facts[: groups * n]
-        hay = [probe.haystack(text, f, s.length, s.depth, rng) for f in used]
-        state = _write_haystacks(model, [hay[g * n:(g + 1) * n] for g in range(groups)], device)
-        prompts = probe.as_ids([probe.cue_prompt(text, f, P, rng) for f in used], device)
-        r = _evaluate(model, probe.repeat_state(state, n), prompts, probe.encode_rests(used), with_rank=False)
-        res["n_facts"].append(n)
-        res["exact_match"].append(float(np.mean(r["exact"])))
-        res["char_accuracy"].append(float(np.mean(r["char_accuracy"])))
-        res["memories"].append(groups)
+    place = s.placements[0]
+    res = {"lengths": [], "placement": place, **{c: {"exact_match": [], "char_accuracy": []}
+                                                  for c in ("memory", "fresh", "other_facts")}}
+    fresh = None
+    for L in s.distance:
+        written = _write_haystacks(model, [probe.haystack(text, f, L, 0.0, rng, place) for f in facts], device)
+        prompts = _prompts(text, facts, P, rng, place, device)
+        if fresh is None:  # the fresh memory does not depend on the haystack: measured once
+            fresh = _curve_point(_evaluate(model, model.init_state(len(facts), device), prompts, rests, with_rank=False))
+        for cond, st in (("memory", written), ("other_facts", _rotate(written))):
+            em, ca = _curve_point(_evaluate(model, st, prompts, rests, with_rank=False))
+            res[cond]["exact_match"].append(em)
+            res[cond]["char_accuracy"].append(ca)
+        res["fresh"]["exact_match"].append(fresh[0])
+        res["fresh"]["char_accuracy"].append(fresh[1])
+        res["lengths"].append(L)
     return res
 
 
-def verdict(conditions: dict[str, dict[str, float]]) -> str:
+def document_text(text: np.ndarray, facts: list[Fact], spacing: int, rng: random.Random, placement: str,
+                  with_facts: bool = True) -> bytes:
+    """One text of len(facts) x spacing bytes, fact j inside its own `spacing`-byte stretch (at a random
+    depth of it); without facts, the same stretches of text alone (the "text only" control)."""
+    parts = []
+    for f in facts:
+        depth = rng.random()
+        part = probe.haystack(text, f if with_facts else None, spacing, depth, rng, placement)
+        parts.append(part)
+    return b"".join(parts)
+
+
+@torch.no_grad()
+def document(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings) -> dict:
+    """N facts spread through one text written into one memory, each cued afterwards, for each N."""
+    device = model.wte.weight.device
+    place = s.placements[0]
+    P = _prompt_len(facts, s.context)
+    ns = sorted({min(n, len(facts)) for n in s.document if n >= 1})
+    res = {"n_facts": [], "bytes": [], "placement": place, "spacing": s.spacing,
+           "memory_size": getattr(model.memory, "size", None),
+           **{c: {"exact_match": [], "char_accuracy": []} for c in ("memory", "fresh", "text_only")}}
+    for n in ns:
+        rng = random.Random(s.seed + 20_000 + n)
+        used = facts[:n]
+        rests = probe.encode_rests(used)
+        seed_text = rng.random()
+        docs = {}
+        for cond, with_facts in (("memory", True), ("text_only", False)):
+            r2 = random.Random(seed_text)  # the same stretches of text, with and without the facts
+            docs[cond] = document_text(text, used, s.spacing, r2, place, with_facts)
+        prompts = _prompts(text, used, P, rng, place, device)
+        states = {c: probe.repeat_state(_write_haystacks(model, [d], device), n) for c, d in docs.items()}
+        states["fresh"] = model.init_state(n, device)
+        for cond, st in states.items():
+            em, ca = _curve_point(_evaluate(model, st, prompts, rests, with_rank=False))
+            res[cond]["exact_match"].append(em)
+            res[cond]["char_accuracy"].append(ca)
+        res["n_facts"].append(n)
+        res["bytes"].append(len(docs["memory"]))
+    return res
+
+
+def verdict(conditions: dict[str, dict[str, float] | None]) -> str:
     m, f, o = conditions["memory"], conditions["fresh"], conditions["other_facts"]
     lift = m["exact_match"] - max(f["exact_match"], o["exact_match"])
     if m["exact_match"] >= 0.5 and lift >= 0.3:
         return (f"the memory recalls: exact match {m['exact_match']:.2f} vs {f['exact_match']:.2f} fresh and "
-                f"{o['exact_match']:.2f} with other facts")
+                f"{o['exact_match']:.2f} with another fact's memory")
     if m["char_accuracy"] - f["char_accuracy"] >= 0.1:
         return (f"partial recall: character accuracy {m['char_accuracy']:.2f} vs {f['char_accuracy']:.2f} fresh, "
                 f"but exact match only {m['exact_match']:.2f}")
@@ -210,51 +275,86 @@ def verdict(conditions: dict[str, dict[str, float]]) -> str:
             f"character accuracy {m['char_accuracy']:.2f} (fresh {f['char_accuracy']:.2f})")
 
 
+def check_settings(s: NeedleSettings, facts: list[Fact]) -> None:
+    if len(facts) < 2:
+        raise InputError("needle needs at least 2 facts (recall@1 and the other-facts control compare facts)")
+    if not 1 <= s.trials <= 100:
+        raise InputError(f"--trials must be between 1 and 100 (got {s.trials})")
+    if not 0 <= s.depth <= 1 or not all(0 <= d <= 1 for d in s.depths):
+        raise InputError("depths must be between 0 and 1")
+    if not s.placements or any(p not in probe.PLACEMENTS for p in s.placements):
+        raise InputError(f"--placement must be line, prose or both (got {','.join(s.placements) or 'nothing'})")
+    for name, values in (("--length", (s.length,)), ("--lengths", s.lengths), ("--distance", s.distance)):
+        if any(not 1 <= L <= MAX_HAYSTACK for L in values):
+            raise InputError(f"{name}: haystack lengths must be between 1 and {MAX_HAYSTACK:,} bytes")
+    if any(not 1 <= n <= 1024 for n in s.document):
+        raise InputError("--document: numbers of facts must be between 1 and 1024")
+    if not 64 <= s.spacing <= 8192:
+        raise InputError(f"--spacing must be between 64 and 8192 bytes (got {s.spacing})")
+    if not 0 <= s.context <= 4096:
+        raise InputError(f"--context must be between 0 and 4096 (got {s.context})")
+
+
 def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: NeedleSettings | None = None) -> NeedleResult:
     s = settings or NeedleSettings()
     if model.memory is None:
         raise InputError("this run has no memory (--slots 0): the needle test compares memory conditions; train with --slots 8")
-    if s.trials < 1:
-        raise InputError(f"--trials must be >= 1 (got {s.trials})")
-    if not 0 <= s.depth <= 1 or not all(0 <= d <= 1 for d in s.depths):
-        raise InputError("depths must be between 0 and 1")
-    if s.length < 1 or any(L < 1 for L in s.lengths):
-        raise InputError("haystack lengths must be positive")
-    if s.context < 0:
-        raise InputError(f"--context must be >= 0 (got {s.context})")
-    check_facts(model, facts, s.context)
-    if len(text) < max([s.length, *s.lengths]) + 1000:
+    check_settings(s, facts)
+    longest = max([s.length, *s.lengths, *s.distance, s.spacing])
+    if len(text) < longest + 1000:
         raise InputError("the validation text is too short for these haystack lengths")
     t0 = time.perf_counter()
     model.eval()
-    per_trial = [run_trial(model, facts, text, s, random.Random(s.seed * 1000 + t)) for t in range(s.trials)]
-    conditions = _summarise(per_trial)
-    first = per_trial[0]
+    notes = []
+    r_max = max(len(r) for r in probe.encode_rests(facts))
+    too_long = [i + 1 for i, f in enumerate(facts) if not _fits_in_window(model, f, r_max)]
+    if too_long:
+        notes.append(f"fact(s) {', '.join(map(str, too_long))} do not fit the {model.cfg.block_size}-byte window beside "
+                     f"their cue: the fact-in-window control leaves them out" + (" (no fact fits: null)" if len(too_long) == len(facts) else ""))
+    placements = {}
+    trials_by_place = {}
+    for place in s.placements:
+        per_trial = [run_trial(model, facts, text, s, random.Random(s.seed * 1000 + t), place) for t in range(s.trials)]
+        trials_by_place[place] = per_trial
+        placements[place] = _summarise(per_trial)
+    first_place = s.placements[0]
+    conditions = placements[first_place]
+    first = trials_by_place[first_place][0]
     fact_rows = []
     for i, f in enumerate(facts):
         row = {"cue": f.cue, "expected": f.rest, "conditions": {}}
         for cond in CONDITIONS:
             c = first[cond]
+            if c is None or ("rows" in c and i not in c["rows"]):
+                row["conditions"][cond] = None
+                continue
+            j = c["rows"].index(i) if "rows" in c else i
             row["conditions"][cond] = {
-                "generated": c["generated"][i][: len(f.rest.encode())].decode("utf-8", errors="replace"),
-                "exact": bool(c["exact"][i]),
-                "char_accuracy": c["char_accuracy"][i],
-                "loss_per_byte": c["loss_per_byte"][i],
-                "recall_at_1": bool(c["recall_at_1"][i]),
+                "generated": c["generated"][j][: len(f.rest.encode())].decode("utf-8", errors="replace"),
+                "exact": bool(c["exact"][j]),
+                "char_accuracy": c["char_accuracy"][j],
+                "loss_per_byte": c["loss_per_byte"][j],
+                "recall_at_1": bool(c["recall_at_1"][j]),
             }
         fact_rows.append(row)
+    if any(n > len(facts) for n in s.document) and s.sweeps:
+        notes.append(f"document: at most {len(facts)} facts (the facts given); larger N need a larger facts file")
     result = NeedleResult(
-        settings={**asdict(s), "facts": len(facts), "other_facts_written": other_facts_count(model, len(facts), s.length)},
-        model={"memory": model.cfg.memory.kind if model.memory is not None else "none",
-               "slots": model.cfg.memory.slots, "block_size": model.cfg.block_size},
+        settings={**asdict(s), "facts": len(facts)},
+        model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": model.cfg.block_size,
+               "memory_size": getattr(model.memory, "size", None), "topk": model.cfg.memory.topk},
         conditions=conditions,
+        placements=placements,
         facts=fact_rows,
-        per_trial=[{c: {"exact_match": float(np.mean(t[c]["exact"])), "char_accuracy": float(np.mean(t[c]["char_accuracy"]))}
-                    for c in CONDITIONS} for t in per_trial],
+        notes=notes,
+        per_trial=[{c: (None if t[c] is None else {"exact_match": float(np.mean(t[c]["exact"])),
+                                                   "char_accuracy": float(np.mean(t[c]["char_accuracy"]))})
+                    for c in CONDITIONS} for t in trials_by_place[first_place]],
     )
     if s.sweeps:
         result.heatmap = heatmap(model, facts, text, s)
-        result.capacity = capacity(model, facts, text, s)
+        result.distance = distance(model, facts, text, s)
+        result.capacity = document(model, facts, text, s)
     result.verdict = verdict(conditions)
     result.seconds = time.perf_counter() - t0
     return result

@@ -7,6 +7,7 @@ instance), so an experiment over 16 facts costs a handful of forward passes, not
 from __future__ import annotations
 
 import random
+import re
 
 import numpy as np
 import torch
@@ -60,26 +61,56 @@ def text_window(text: np.ndarray, length: int, rng: random.Random) -> bytes:
     return text[start : start + length].tobytes()
 
 
-def haystack(text: np.ndarray, fact: Fact | None, length: int, depth: float, rng: random.Random) -> bytes:
-    """`length` bytes of real text with the fact as one line at `depth` (0 = start, 1 = end)."""
+PLACEMENTS = ("line", "prose")  # the fact (and its cue) on a line of its own, or inside running text
+
+
+def haystack(text: np.ndarray, fact: Fact | None, length: int, depth: float, rng: random.Random,
+             placement: str = "line") -> bytes:
+    """`length` bytes of real text with the fact once at `depth` (0 = start, 1 = end): as a line of
+    its own ("line"), or inside a line of running text, after a word and before the next ("prose")."""
     if fact is None:
         return text_window(text, length, rng)
-    line = b"\n" + fact.text.encode() + b"\n"
-    filler = text_window(text, max(length - len(line), 0), rng)
+    body = fact.text.encode()
+    piece = b"\n" + body + b"\n" if placement == "line" else body + b" "
+    filler = text_window(text, max(length - len(piece), 0), rng)
     at = int(round(depth * len(filler)))
-    if 0 < at < len(filler):  # move to a line start so the fact reads as its own line
-        nl = filler.rfind(b"\n", 0, at)
-        at = nl + 1 if nl >= 0 else at
-    return (filler[:at] + line + filler[at:])[:max(length, len(line))]
+    if placement == "line":
+        if 0 < at < len(filler):  # move to a line start so the fact reads as its own line
+            nl = filler.rfind(b"\n", 0, at)
+            at = nl + 1 if nl >= 0 else at
+    else:  # after a space that follows a word: other words precede the fact on its line
+        spaces = [m.end() for m in re.finditer(rb"[^\s] ", filler)]
+        if spaces:
+            at = min(spaces, key=lambda p: abs(p - at))
+        else:
+            filler, at = b"and so " + filler[7:], 7
+    return (filler[:at] + piece + filler[at:])[:max(length, len(piece))]
 
 
-def cue_prompt(text: np.ndarray, fact: Fact, length: int, rng: random.Random, before: bytes = b"") -> bytes:
-    """`before` + other real text + "\\n" + cue, exactly `length` bytes: a new context ending in the cue."""
-    tail = b"\n" + fact.cue.encode()
+def _mid_line(text: np.ndarray, k: int, rng: random.Random) -> bytes:
+    """k bytes of real text that end inside a line, just after a word and a space (>= 16 bytes of its line)."""
+    for _ in range(200):
+        w = text_window(text, k + 80, rng)
+        ends = [m.end() for m in re.finditer(rb"[^\s] ", w) if m.end() >= k and b"\n" not in w[m.end() - 16:m.end()]]
+        if ends:
+            e = ends[0]
+            return w[e - k:e]
+    w = text_window(text, k, rng)
+    return w[:-16].ljust(k - 16) + b" and then said " if k >= 16 else b" " * k
+
+
+def cue_prompt(text: np.ndarray, fact: Fact, length: int, rng: random.Random, before: bytes = b"",
+               placement: str = "line") -> bytes:
+    """`before` + other real text + the cue, exactly `length` bytes: a new context ending in the cue,
+    at the start of a line ("line") or after other words on its line ("prose")."""
+    cue = fact.cue.encode()
+    tail = b"\n" + cue if placement == "line" else cue
     k = length - len(tail) - len(before)
     if k < 0:
         raise ValueError("prompt too short for its content")
-    return before + text_window(text, k, rng) + tail if k else before + tail
+    if not k:
+        return before + tail
+    return before + (text_window(text, k, rng) if placement == "line" else _mid_line(text, k, rng)) + tail
 
 
 @torch.no_grad()
@@ -97,7 +128,7 @@ def score_rests(model: GPT, state: State | None, prompts: torch.Tensor, rests: l
         rest_ids[i, : len(r)] = torch.tensor(list(r), dtype=torch.long)
         mask[i, : len(r)] = True
     x = torch.cat([prompts, rest_ids], dim=1)[:, :-1]
-    logits = model(x, state=state, write=False).logits[:, P - 1 :]  # predictions of the rest bytes
+    logits = window_logits(model, state, x)[:, P - 1 :]  # predictions of the rest bytes
     logp = F.log_softmax(logits.float(), dim=-1)
     nll = -logp.gather(-1, rest_ids[..., None]).squeeze(-1)
     hit = (logits.argmax(-1) == rest_ids) & mask
@@ -108,6 +139,23 @@ def score_rests(model: GPT, state: State | None, prompts: torch.Tensor, rests: l
         "logp": logp,
         "mask": mask,
     }
+
+
+@torch.no_grad()
+def window_logits(model: GPT, state: State | None, x: torch.Tensor) -> torch.Tensor:
+    """Logits of every position of x (b L), memory read, never written. Past the block size, windows
+    slide by half a block, as generation re-primes: every position sees at least half a block."""
+    B = model.cfg.block_size
+    L = x.shape[1]
+    if L <= B:
+        return model(x, state=state, write=False).logits
+    parts, done = [model(x[:, :B], state=state, write=False).logits], B
+    while done < L:
+        end = min(done + B // 2, L)
+        start = end - B
+        parts.append(model(x[:, start:end], state=state, prev=x[:, :start], write=False).logits[:, done - start:])
+        done = end
+    return torch.cat(parts, dim=1)
 
 
 @torch.no_grad()
@@ -129,6 +177,9 @@ def recall_at_1(model: GPT, state: State | None, prompts: torch.Tensor, rests: l
     """
     N, P = prompts.shape
     R = max(len(r) for r in rests)
+    if P + R - 1 > model.cfg.block_size:  # past the window: score every (prompt, rest) pair directly
+        losses = torch.stack([score_rests(model, state, prompts, [r] * N)["loss_per_byte"] for r in rests], dim=1)
+        return losses.argmin(dim=1) == torch.arange(N, device=losses.device)
     cache = model.new_cache(N)
     last = model.decode(prompts, cache, state)[:, -1]  # predicts rest byte 0
     cache.repeat_interleave(N)
