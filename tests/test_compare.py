@@ -176,13 +176,15 @@ def test_needle_is_run_where_missing(imm, tmp_path, monkeypatch):
         assert fig["needle"]["conditions"][c]["exact_match"] == written["conditions"][c]["exact_match"]
 
 
-def test_facts_that_do_not_fit_a_run_are_a_note(imm, tiny_run, tmp_path):
+def test_a_needle_that_cannot_run_is_a_note(imm, tiny_run, tmp_path):
     run = tmp_path / "ep"
     shutil.copytree(tiny_run, run)
-    r = imm("compare", str(run), "--facts", str(REPO / "examples" / "facts.txt"), "--no-speed", "--out", str(tmp_path / "o"), "--json")
+    facts = tmp_path / "one.txt"
+    facts.write_text("Zor Ven is 12.\n")  # needle compares facts: one is refused by the experiment, for this run
+    r = imm("compare", str(run), "--facts", str(facts), "--no-speed", "--out", str(tmp_path / "o"), "--json")
     assert r.code == 0, r.stderr
     fig = json.loads(r.stdout)["runs"][0]
-    assert fig["needle"] is None and fig["status"]["needle"] == "failed"
+    assert fig["needle"] is None and fig["status"]["needle"] == "failed" and fig["status"]["store"] == "ran"
     assert any(n.startswith("needle could not run") for n in fig["notes"]) and not (run / "needle.json").exists()
 
 

@@ -96,8 +96,8 @@ def _curves(ax, doc: dict, key: str) -> None:
     xs = [x for r in doc["runs"] for x in (((r["needle"] or {}).get("curves") or {}).get(key) or {}).get("x", [])]
     if xs and min(xs) > 0 and max(xs) / min(xs) >= 8:
         ax.set_xscale("log", base=2)
-    axis = {"capacity": "facts written into one memory (each in its own haystack)",
-            "document": "facts spread through one document (one memory)"}.get(key)
+    axis = {"capacity": "facts written into one memory", "document": "facts spread through one document (one memory)",
+            "distance": "bytes written after the fact (haystack length)"}.get(key)
     ax.set_xlabel(axis or {"distance": "bytes between fact and cue", "n_facts": "facts written into one memory"}.get(xlabel, xlabel))
     ax.set_ylabel("exact match (share of facts)")
     ax.set_ylim(0, 1.05)
