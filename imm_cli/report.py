@@ -814,6 +814,18 @@ def other_results(f: RunFolder, names: set | None = None) -> str:
 
 
 # --- the page ------------------------------------------------------------------------------------------
+GENERATOR = '<meta name="generator" content="imm report">'  # marks a file `imm report` may replace
+
+
+def is_report(path: Path) -> bool:
+    """True if `path` is a page this command wrote (so writing it again loses nothing of the user's)."""
+    try:
+        with open(path, "rb") as fh:
+            return GENERATOR.encode() in fh.read(4096)
+    except OSError:
+        return False
+
+
 CSS = """
 :root{--fg:#1d232a;--mut:#5b6570;--line:#d8dde3;--bg:#fff;--alt:#f5f7f9;--good:#e6f4ea;--bad:#fdecea;--neu:#fff8e1;--ctl:#6b5b95}
 *{box-sizing:border-box}body{font:14px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:var(--fg);background:var(--bg);margin:0}
@@ -890,7 +902,7 @@ def build_report(paths: list[Path], shown: list[str] | None = None, generated_by
     except Exception:  # noqa: BLE001 - not installed (run from a checkout)
         ver = "?"
     by = f" by <code>{esc(generated_by)}</code>" if generated_by else ""
-    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" content="width=device-width,initial-scale=1">'
+    return (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8">{GENERATOR}<meta name="viewport" content="width=device-width,initial-scale=1">'
             f"<title>imm report: {esc(names)}</title><style>{CSS}</style></head><body>"
             f"<header><h1>imm report</h1><p>{len(folders)} folder{'s' if len(folders) > 1 else ''}: {esc(names)}</p>"
             f"<p>made {esc(now)}{by} (imm {esc(ver)}); every figure comes from the folder's files, controls beside it</p></header>"

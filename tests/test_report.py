@@ -296,6 +296,12 @@ def test_report_command_errors(imm, tmp_path, tiny_run):
     out = tmp_path / "sub" / "r.html"
     r = imm("report", str(tiny_run), "--out", str(out), "--json")
     assert r.code == 0 and json.loads(r.stdout) == {"report": str(out)} and out.read_text().startswith("<!DOCTYPE html>")
+    assert imm("report", str(tiny_run), "--out", str(out)).code == 0  # its own page: written again
+    notes = tmp_path / "notes.html"
+    notes.write_text("<p>my notes</p>")
+    r = imm("report", str(tiny_run), "--out", str(notes))
+    assert r.code == 2 and "--force" in r.stderr and notes.read_text() == "<p>my notes</p>"
+    assert imm("report", str(tiny_run), "--out", str(notes), "--force").code == 0 and "imm report" in notes.read_text()
 
 
 def test_report_of_sweep_and_compare_folders(tmp_path, tiny_run):

@@ -17,16 +17,19 @@ from imm_cli.errors import InputError
 def report(
     runs: List[Path] = typer.Argument(..., metavar="RUN", help="Run folders made by `imm train` (or sweep folders made by `imm sweep`); several are shown side by side."),
     out: Optional[Path] = typer.Option(None, help="HTML file to write [default: RUN/report.html for one run, report.html for several]."),
+    force: bool = typer.Option(False, "--force", help="Replace --out even if it is not a page imm report wrote."),
     json_out: bool = typer.Option(False, "--json", help='Print {"report": PATH} on stdout.'),
 ) -> None:
     """Write one HTML page (no network, images embedded) with the run's configuration, training curve and every experiment found, controls beside each figure."""
     from imm_cli import runs as run_files
-    from imm_cli.report import build_report
+    from imm_cli.report import build_report, is_report
 
     if out is None:
         out = runs[0] / "report.html" if len(runs) == 1 else Path("report.html")
     if out.is_dir():
         raise InputError(f"--out {out} is a folder; name the HTML file to write")
+    if out.exists() and not force and not is_report(out):
+        raise InputError(f"--out {out} exists and is not a page imm report wrote; choose another file or pass --force to replace it")
     check_out_folder(out.parent)
     page = build_report(runs, generated_by=" ".join(["imm report", *map(shlex.quote, map(str, runs))]))
     out.parent.mkdir(parents=True, exist_ok=True)
