@@ -168,6 +168,45 @@ def to_dict(obj) -> dict:
     return dataclasses.asdict(obj)
 
 
+# --- the training flags, declared once ------------------------------------------------------------------
+# flag (its Python name; --memory-key-bytes is memory_key_bytes) -> (section, field). `imm train` builds its
+# configs through this table, `imm sweep` each point's, and a resume compares the flags given with the
+# run's config.json through it. A field without a flag (warmup, weight_decay, eval_batches, ...) keeps
+# its default; tests/test_bad_inputs.py checks that every flag of `imm train` is here.
+FLAGS: dict[str, tuple[str, str]] = {
+    "slots": ("memory", "slots"), "memory": ("memory", "kind"), "memory_lr": ("memory", "lr"),
+    "memory_norm": ("memory", "norm"), "memory_temp": ("memory", "temp"), "memory_size": ("memory", "size"),
+    "memory_topk": ("memory", "topk"), "memory_entries": ("memory", "entries"), "memory_key_bytes": ("memory", "key_bytes"),
+    "memory_key_dim": ("memory", "key_dim"), "memory_value_dim": ("memory", "value_dim"),
+    "layers": ("model", "n_layer"), "heads": ("model", "n_head"), "embd": ("model", "n_embd"), "block_size": ("model", "block_size"),
+    "batch_size": ("train", "batch_size"), "iters": ("train", "iters"), "lr": ("train", "lr"), "segments": ("train", "segments"),
+    "curriculum": ("train", "curriculum"), "max_gap": ("train", "max_gap"), "grad_clip": ("train", "grad_clip"),
+    "eval_every": ("train", "eval_every"), "save_every": ("train", "save_every"), "device": ("train", "device"),
+    "compile": ("train", "compile"), "seed": ("train", "seed"), "data": ("train", "data"),
+}
+RESUMABLE_FLAGS = ("iters", "save_every", "eval_every", "device", "compile")  # what a resumed run may change
+
+
+def configs_from_flags(values: dict) -> tuple[ModelConfig, TrainConfig]:
+    """Checked (ModelConfig, TrainConfig) from flag values (FLAGS names; a flag not given keeps its default).
+
+    The memory sits in the second-to-last block; a one-block model hosts it in its only block."""
+    parts: dict[str, dict] = {"model": {}, "memory": {}, "train": {}}
+    for flag, value in values.items():
+        section, name = FLAGS[flag]
+        parts[section][name] = value
+    layers = parts["model"].get("n_layer", ModelConfig.n_layer)
+    parts["memory"].setdefault("layer", max(MemoryConfig.layer, -layers))
+    model = ModelConfig(**parts["model"], memory=MemoryConfig(**parts["memory"])).check()
+    return model, TrainConfig(**parts["train"]).check(model.memory)
+
+
+def flag_values(model: ModelConfig, train: TrainConfig) -> dict:
+    """The value of every flag in these configs (FLAGS names)."""
+    sections = {"model": model, "memory": model.memory, "train": train}
+    return {flag: getattr(sections[section], name) for flag, (section, name) in FLAGS.items()}
+
+
 # fields that configs written before they existed may lack, with the value that means the old behaviour
 LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0}}
 

@@ -12,8 +12,8 @@ LOCAL_RANK, MASTER_ADDR and MASTER_PORT). Outside torchrun nothing here does any
   processes and go on with the same data stream.
 - One DDP forward per step: the whole episode (all segments, the memory state carried through them)
   is one `EpisodeLoss` module call, so DDP sees a single forward and a single backward and averages
-  the gradients once. The memory state is created inside that call from the learned initial slots,
-  per sequence, and is never communicated.
+  the gradients once. The memory state is created inside that call (the memory's `init_state`), per
+  sequence, and is never communicated.
 - Only rank 0 prints, logs metrics and writes checkpoints (from the unwrapped model); every rank
   evaluates (same episodes, same figures) so they stay in step without extra communication.
 """
@@ -49,8 +49,7 @@ def is_main_process() -> bool:
 class Dist:
     rank: int = 0
     world: int = 1
-    local_rank: int = 0
-    device: torch.device = torch.device("cpu")
+    device: torch.device = torch.device("cpu")  # this process's device (cuda:LOCAL_RANK under torchrun on GPUs)
 
     @property
     def enabled(self) -> bool:
@@ -116,7 +115,7 @@ def setup(device: torch.device) -> Dist:
     if not torch.distributed.is_initialized():
         kwargs = {"device_id": device} if backend == "nccl" else {}
         torch.distributed.init_process_group(backend=backend, rank=rank, world_size=world, **kwargs)
-    d = Dist(rank=rank, world=world, local_rank=local, device=device)
+    d = Dist(rank=rank, world=world, device=device)
     d.barrier()  # every process has passed its checks before rank 0 writes anything
     return d
 
@@ -129,13 +128,16 @@ class EpisodeLoss(nn.Module):
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        return self.loss_fn(self.model, x, y)[0]
+    def forward(self, x: torch.Tensor, y: torch.Tensor, gap: int = 0) -> torch.Tensor:
+        return self.loss_fn(self.model, x, y, gap)[0]
 
 
-def wrap(model: nn.Module, loss_fn, dist: Dist):
-    """A callable (x, y) -> loss: DDP-wrapped when distributed, the plain episode loss otherwise."""
+def wrap(model: nn.Module, loss_fn, dist: Dist, compile_fn=None):
+    """A callable (x, y) -> loss: DDP-wrapped when distributed, the plain episode loss otherwise;
+    `compile_fn` (torch.compile) compiles the whole episode loss, model call included."""
     module = EpisodeLoss(model, loss_fn)
+    if compile_fn is not None:
+        module = compile_fn(module)
     if not dist.enabled:
         return module
     from torch.nn.parallel import DistributedDataParallel as DDP

@@ -411,6 +411,7 @@ CASES += [
     Case("sweep:out-holds-user-files", lambda c: sweep(c, out=c.user_files("mine", "optimal_config_results.png")), expect=("--force",)),
     Case("sweep:seed-negative", lambda c: sweep(c, "--seed", "-1")),
     Case("sweep:device-tpu", lambda c: sweep(c, "--device", "tpu")),
+    Case("sweep:huge-model", lambda c: sweep(c, "--layers", "64", "--heads", "64", "--embd", "8192"), expect=("GiB",)),
 ]
 
 
@@ -464,6 +465,21 @@ def test_bad_input(case: Case, imm, tmp_path, tiny_run, monkeypatch, request):
     argv, before = _prepare(case, tmp_path, tiny_run, monkeypatch)
     r = imm(*argv)
     _check(case, r, tmp_path / "work", before)
+
+
+def test_every_train_flag_is_declared_once_in_the_flags_table():
+    """`imm train`'s flags become configs, and come back from config.json on resume, through config.FLAGS."""
+    import typer
+
+    from imm_cli.cli.app import app
+    from imm_cli.config import FLAGS
+
+    params = {p.name for p in typer.main.get_command(app).commands["train"].params}
+    assert params - set(FLAGS) == {"out", "resume", "json_out"}
+    assert set(FLAGS) <= params
+    fields = {"model": ModelConfig, "memory": MemoryConfig, "train": TrainConfig}
+    for flag, (section, name) in FLAGS.items():
+        assert name in {f.name for f in dataclasses.fields(fields[section])}, flag
 
 
 def test_table_is_large_enough():

@@ -152,8 +152,8 @@ def test_nonfinite_stops_with_the_step_and_keeps_the_last_checkpoint(what, tmp_p
     real = train_mod.episode_loss
     calls = {"n": 0}
 
-    def poisoned(model, x, y):
-        loss, parts = real(model, x, y)
+    def poisoned(model, x, y, *rest):
+        loss, parts = real(model, x, y, *rest)
         if model.training:
             calls["n"] += 1
             if calls["n"] == 3:  # the third step

@@ -28,7 +28,8 @@ def _mtimes(out: Path) -> dict:
 def test_sweep_grid_then_again_trains_nothing(imm, tmp_path, monkeypatch):
     monkeypatch.setenv("COLUMNS", "200")
     out = tmp_path / "sw"
-    args = ["sweep", "--slots", "4,8", "--memory-lr", "0.04,0.2", "--block-size", "128", *SMALL, "--out", str(out)]
+    args = ["sweep", "--memory", "linformer", "--slots", "4,8", "--memory-lr", "0.04,0.2", "--block-size", "128", *SMALL,
+            "--out", str(out)]
     r = imm(*args, "--json")
     assert r.code == 0, r.stderr
     lines = _lines(out)
@@ -68,8 +69,9 @@ def test_stopped_sweep_goes_on_where_it_stopped(imm, tmp_path):
     r = imm(*base, "--slots", "4,8", "--json")
     assert r.code == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert doc["trained"] == ["linformer-s8-b128-lr0.04-layer-tauto"]
-    assert sorted(doc["measured"]) == sorted([name, "linformer-s8-b128-lr0.04-layer-tauto"])
+    # the default memory is the episodic one, as `imm train`'s
+    assert doc["trained"] == ["episodic-s8-b128-lr0.04-layer-tauto"]
+    assert sorted(doc["measured"]) == sorted([name, "episodic-s8-b128-lr0.04-layer-tauto"])
     assert _mtimes(out)[name] == first[name]
     assert len(_lines(out)) == 2
 
@@ -117,3 +119,17 @@ def test_ranking_puts_missing_figures_last_and_breaks_ties_by_val_loss():
             for n, r, v in (("a", None, 1.0), ("b", 0.5, 2.0), ("c", 0.5, 1.5), ("d", 0.9, 3.0))]
     assert [r["name"] for r in S.rank(recs, "needle_recall_at_1")] == ["d", "c", "b", "a"]
     assert [r["name"] for r in S.rank(recs, "val_loss")] == ["a", "c", "b", "d"]
+
+
+def test_a_point_trains_the_configs_imm_train_builds_from_the_same_flags():
+    """Flags become configs in one place (config.FLAGS): a sweep point equals `imm train` with its flags."""
+    from imm_cli.config import configs_from_flags
+
+    s = S.SweepSettings(layers=1, heads=2, embd=32, iters=8, batch_size=8, seed=3, device="cpu")
+    (p,) = S.grid(s)
+    model_cfg, train_cfg = S.configs(p, s)
+    flags = {"memory": "episodic", "slots": 8, "block_size": 128, "memory_lr": 0.04, "memory_norm": "layer", "memory_temp": None,
+             "layers": 1, "heads": 2, "embd": 32, "iters": 8, "batch_size": 8, "seed": 3, "device": "cpu",
+             "eval_every": 8, "save_every": 2}
+    assert (model_cfg, train_cfg) == configs_from_flags(flags)
+    assert model_cfg.memory.kind == "episodic" and model_cfg.memory.layer == -1

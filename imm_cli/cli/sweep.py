@@ -12,6 +12,7 @@ from rich.table import Table
 
 from imm_cli.cli.common import (check_out_folder, check_outputs, check_seed, console, fmt, handle_errors, mark_outputs,
                                 parse_list, print_json, safe)
+from imm_cli.config import MEMORY_KINDS
 from imm_cli.errors import InputError
 from imm_cli.experiments.sweep import FIGURES, JSONL, PLOT, SETTINGS, SweepSettings, label, run_sweep, varying
 
@@ -40,7 +41,7 @@ def sweep(
     memory_lr: str = typer.Option("0.04", help="Linformer EMA rates of a write, comma-separated."),
     memory_norm: str = typer.Option("layer", help="Linformer state normalisations, comma-separated (layer, l2)."),
     memory_temp: str = typer.Option("auto", help="Read temperatures, comma-separated; auto = the memory kind's default."),
-    memory: str = typer.Option("linformer", help="Memory kinds, comma-separated (linformer, episodic); --memory-lr and --memory-norm act on linformer only."),
+    memory: str = typer.Option(",".join(D.memory), help=f"Memory kinds, comma-separated ({', '.join(MEMORY_KINDS)}); episodic by default, as `imm train`; --memory-lr and --memory-norm act on linformer only."),
     iters: int = typer.Option(D.iters, help="Training steps of every point."),
     layers: int = typer.Option(D.layers, help="Transformer blocks (every point)."),
     heads: int = typer.Option(D.heads, help="Attention heads per block (every point)."),

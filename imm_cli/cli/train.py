@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Optional
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json
-from imm_cli.config import MEMORY_KINDS, MemoryConfig, ModelConfig, TrainConfig, to_dict
+from imm_cli.config import FLAGS, MEMORY_KINDS, RESUMABLE_FLAGS, MemoryConfig, ModelConfig, TrainConfig, configs_from_flags, flag_values, to_dict
 from imm_cli.errors import InputError
 
 D = TrainConfig()
@@ -27,10 +28,6 @@ Kind = Enum("Kind", {k: k for k in MEMORY_KINDS}, type=str)  # --memory's choice
 class Norm(str, Enum):
     layer = "layer"
     l2 = "l2"
-
-
-# flags a resumed run may change; any other explicit flag must agree with the saved config
-RESUMABLE = {"iters", "save_every", "eval_every", "device", "compile", "json_out", "resume", "out"}
 
 
 @handle_errors
@@ -76,20 +73,9 @@ def train(
         if out is not None and out.resolve() != resume.resolve():
             raise InputError(f"--out {out} and --resume {resume} name different folders; a resumed run stays in its folder")
         out = resume
-        model_cfg, train_cfg = _resume_configs(ctx, resume, iters, save_every, eval_every, device, compile, data)
+        model_cfg, train_cfg = _resume_configs(ctx, resume, data)
     else:
-        model_cfg = ModelConfig(
-            block_size=block_size, n_layer=layers, n_head=heads, n_embd=embd,
-            # the memory sits in the second-to-last block; a one-block model hosts it in its only block
-            memory=MemoryConfig(kind=memory.value, slots=slots, layer=max(MM.layer, -layers), temp=memory_temp, lr=memory_lr, norm=memory_norm.value,
-                                size=memory_size, topk=memory_topk, entries=memory_entries, key_bytes=memory_key_bytes,
-                                key_dim=memory_key_dim, value_dim=memory_value_dim),
-        ).check()
-        train_cfg = TrainConfig(
-            iters=iters, batch_size=batch_size, segments=segments, lr=lr, curriculum=curriculum, max_gap=max_gap, grad_clip=grad_clip,
-            eval_every=eval_every, save_every=save_every, seed=seed, device=device, compile=compile,
-            data=str(data.resolve()) if data is not None else None,  # resolved: found again from any folder
-        ).check(model_cfg.memory)
+        model_cfg, train_cfg = configs_from_flags({flag: _plain(ctx.params[flag]) for flag in FLAGS})
         if out is None:
             out = Path("runs") / (f"{memory.value}-s{slots}" if slots else "s0")
         _check_new_out(out)
@@ -127,38 +113,30 @@ def _check_new_out(out: Path) -> None:
         raise InputError(f"--out {out} is not empty; choose an empty or new folder")
 
 
-def _resume_configs(ctx: typer.Context, run: Path, iters: int, save_every: int, eval_every: int, device: str,
-                    compile: bool = False, data: Optional[Path] = None):
+def _plain(value):
+    """A flag's value as the configs hold it: enums by value, paths resolved (found again from any folder)."""
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, Path):
+        return str(value.resolve())
+    return value
+
+
+def _resume_configs(ctx: typer.Context, run: Path, data: Optional[Path] = None):
     state = runs.check_resumable(run)  # every config field, weights, training state, writable: before any work
     saved_model = runs.load_model_config(run, strict=True)
     saved_train = runs.load_train_config(run, strict=True)
     # the data it was trained on, unchanged (size and sha256), or an explicit --data with the same content
     data_path = runs.check_data(run, data)
-    flag_to_value = {
-        "slots": saved_model.memory.slots, "memory": saved_model.memory.kind, "layers": saved_model.n_layer,
-        "heads": saved_model.n_head, "embd": saved_model.n_embd, "block_size": saved_model.block_size,
-        "batch_size": saved_train.batch_size, "lr": saved_train.lr, "memory_lr": saved_model.memory.lr,
-        "memory_norm": saved_model.memory.norm, "memory_temp": saved_model.memory.temp,
-        "memory_entries": saved_model.memory.entries, "memory_key_bytes": saved_model.memory.key_bytes,
-        "memory_size": saved_model.memory.size, "memory_topk": saved_model.memory.topk, "max_gap": saved_train.max_gap,
-        "memory_key_dim": saved_model.memory.key_dim, "memory_value_dim": saved_model.memory.value_dim,
-        "segments": saved_train.segments, "curriculum": saved_train.curriculum, "grad_clip": saved_train.grad_clip,
-        "seed": saved_train.seed,
-    }
-    for name, saved in flag_to_value.items():
-        if not _given(ctx, name):
+    saved = flag_values(saved_model, saved_train)
+    for flag in FLAGS:
+        if flag in RESUMABLE_FLAGS or flag == "data" or not _given(ctx, flag):
             continue
-        given = ctx.params[name]
-        given = given.value if isinstance(given, Enum) else (str(given) if isinstance(given, Path) else given)
-        if given != saved:
-            flag = "--" + name.replace("_", "-")
-            raise InputError(f"{flag} {given} disagrees with the run being resumed ({flag} {saved} in {run / runs.CONFIG})")
-    changes = {}
-    for name, value in (("iters", iters), ("save_every", save_every), ("eval_every", eval_every), ("device", device), ("compile", compile)):
-        if _given(ctx, name):
-            changes[name] = value
-    from dataclasses import replace
-
+        given = _plain(ctx.params[flag])
+        if given != saved[flag]:
+            name = "--" + flag.replace("_", "-")
+            raise InputError(f"{name} {given} disagrees with the run being resumed ({name} {saved[flag]} in {run / runs.CONFIG})")
+    changes = {FLAGS[flag][1]: ctx.params[flag] for flag in RESUMABLE_FLAGS if _given(ctx, flag)}
     train_cfg = replace(saved_train, **changes, data=data_path).check(saved_model.memory)
     if state["step"] >= train_cfg.iters:
         raise InputError(f"{run} already trained {state['step']} steps (--iters {train_cfg.iters}); "

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 from imm_cli import runs
-from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig
+from imm_cli.config import ModelConfig, TrainConfig, configs_from_flags
 from imm_cli.errors import InputError
 
 JSONL = "sweep.jsonl"
@@ -53,7 +53,7 @@ class SweepSettings:
     memory_lr: tuple[float, ...] = (0.04,)
     memory_norm: tuple[str, ...] = ("layer",)
     memory_temp: tuple[float | None, ...] = (None,)
-    memory: tuple[str, ...] = ("linformer",)  # the notes' memory: --memory-lr and --memory-norm act on it only
+    memory: tuple[str, ...] = ("episodic",)  # as `imm train`; --memory-lr and --memory-norm act on linformer only
     iters: int = 100
     layers: int = 4
     heads: int = 4
@@ -124,14 +124,13 @@ def grid(s: SweepSettings) -> list[Point]:
 
 
 def configs(p: Point, s: SweepSettings) -> tuple[ModelConfig, TrainConfig]:
-    model_cfg = ModelConfig(
-        block_size=p.block_size, n_layer=s.layers, n_head=s.heads, n_embd=s.embd,
-        memory=MemoryConfig(kind=p.memory, slots=p.slots, layer=max(MemoryConfig.layer, -s.layers), temp=p.memory_temp,
-                            lr=p.memory_lr, norm=p.memory_norm),
-    ).check()
-    train_cfg = TrainConfig(iters=s.iters, batch_size=s.batch_size, seed=s.seed, device=s.device, data=s.data,
-                            eval_every=s.iters, save_every=max(s.iters // 4, 1)).check(model_cfg.memory)
-    return model_cfg, train_cfg
+    """A point's configs, through the flags table `imm train` uses (config.FLAGS)."""
+    return configs_from_flags({
+        "memory": p.memory, "slots": p.slots, "block_size": p.block_size, "memory_lr": p.memory_lr,
+        "memory_norm": p.memory_norm, "memory_temp": p.memory_temp, "layers": s.layers, "heads": s.heads, "embd": s.embd,
+        "iters": s.iters, "batch_size": s.batch_size, "seed": s.seed, "device": s.device, "data": s.data,
+        "eval_every": s.iters, "save_every": max(s.iters // 4, 1),
+    })
 
 
 # --- sweep.jsonl: one whole line per finished point --------------------------------------------------
@@ -281,8 +280,9 @@ def run_sweep(s: SweepSettings, out: Path, facts: Path | None, rank_by: str = "n
     if s.iters < 1:
         raise InputError(f"--iters must be >= 1 (got {s.iters})")
     points = grid(s)
-    for p in points:  # every point's flags are checked before anything is trained
-        configs(p, s)
+    for p in points:  # every point's flags are checked before anything is trained, and that its model fits
+        model_cfg, train_cfg = configs(p, s)
+        runs.check_fits(model_cfg, "cpu", train_tokens=train_cfg.batch_size * model_cfg.block_size)
     shared = s.shared(facts)
     check_settings(out, shared)
     out.mkdir(parents=True, exist_ok=True)

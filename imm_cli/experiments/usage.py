@@ -1,9 +1,8 @@
 """Slot usage analysis: which slots does the model actually read from?
 
 Same stream as the pattern storage test (consecutive validation text, batch 1, memory carried and
-written). For sequence t and slot j: the read attention mass, summed over the sequence's tokens
-(and over heads and memory layers where there are several), then normalised so the slots' mean is
-1.0. That mean is 1.0 by construction, so it is not a finding; what can fail is reported instead:
+written). For sequence t and slot j: the read attention mass, summed over the sequence's tokens,
+then normalised so the slots' mean is 1.0. That mean is 1.0 by construction, so it is not a finding; what can fail is reported instead:
 normalised entropy (1.0 = perfectly even), min/max ratio, coefficient of variation, dead slots
 (mean usage < 0.1) and dominant slots (mean usage > 3).
 
