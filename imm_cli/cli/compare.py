@@ -97,13 +97,16 @@ def _rows(doc: dict) -> list[tuple[str, list[str]]]:
     add("val loss, memory carried / ablated (nats/byte)", lambda r: _pair(r["train"]["val_loss"], r["train"]["val_loss_ablated"], 3))
     add("synthetic-fact bytes right, memory / ablated", lambda r: _pair(r["train"]["recall_acc"], r["train"]["recall_acc_ablated"]))
     conds = [c for c in CONDITIONS if any(r["needle"] and c in r["needle"]["conditions"] for r in rs)] or list(CONDITIONS)
+    needles = [r["needle"] for r in rs if r["needle"]]
+    headline = {n.get("placement") for n in needles}  # the placement the conditions were measured in
+    where = f" ({headline.pop()} placement)" if len(headline) == 1 and None not in headline else ""
     for c in conds:
-        add(f"needle {LABEL.get(c, c)}: exact / recall@1",
+        add(f"needle {LABEL.get(c, c)}{where}: exact / recall@1",
             per("needle", lambda n, c=c: _pair(n["conditions"][c].get("exact_match"), n["conditions"][c].get("recall_at_1"))
                 if c in n["conditions"] else "-"))
-    for p in sorted({p for r in rs if r["needle"] for p in r["needle"]["placements"]}):
+    for p in sorted({p for n in needles for p in n["placements"] if not (where and p == n.get("placement"))}):
         for c in [c for c in CONDITIONS if any(r["needle"] and c in r["needle"]["placements"].get(p, {}) for r in rs)]:
-            add(f"needle, {p} placement, {LABEL.get(c, c)}: exact / recall@1",
+            add(f"needle {LABEL.get(c, c)} ({p} placement): exact / recall@1",
                 per("needle", lambda n, p=p, c=c: _pair(n["placements"][p][c].get("exact_match"), n["placements"][p][c].get("recall_at_1"))
                     if c in n["placements"].get(p, {}) else "-"))
     for name in sorted({k for r in rs if r["needle"] for k in r["needle"]["curves"]}):

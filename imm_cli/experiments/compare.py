@@ -238,8 +238,10 @@ def needle_figures(doc: dict) -> dict:
     settings = doc.get("settings") if isinstance(doc.get("settings"), dict) else {}
     placements = doc.get("placements") if isinstance(doc.get("placements"), dict) else {}
     curves = {k: c for k, v in doc.items() if k not in NOT_CURVES for c in [as_curve(v)] if c is not None}
+    headline = settings.get("placements") if isinstance(settings.get("placements"), list) else None
     return {"facts_file": doc.get("facts_file"), "facts": settings.get("facts"), "trials": settings.get("trials"),
-            "length": settings.get("length"), "conditions": _conditions(doc.get("conditions")),
+            "length": settings.get("length"), "placement": headline[0] if headline else None,  # of the conditions
+            "conditions": _conditions(doc.get("conditions")),
             "placements": {p: _conditions(v) for p, v in placements.items() if _conditions(v)},
             "curves": curves, "verdict": doc.get("verdict")}
 

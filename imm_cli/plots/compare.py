@@ -12,6 +12,7 @@ from imm_cli.plots.training import save_figure
 
 CONDITION_LABEL = {"memory": "memory (fact written once)", "fresh": "fresh memory (control)",
                    "other_facts": "other facts (control)", "in_context": "fact in window (upper bound)"}
+CONTROL_STYLES = ("--", ":", "-.")  # one line style per control of a curve, in the run's colour
 STORE_BARS = (("mean", "slots vs the sequence seen"), ("other_sequence", "control: another sequence"),
               ("initial", "control: initial memory"), ("random", "control: random unit vectors"))
 
@@ -89,9 +90,11 @@ def _curves(ax, doc: dict, key: str) -> None:
             continue
         colour = f"C{i % 10}"
         xlabel = c["x_name"]
+        controls = [k for k in c["exact_match"] if k != "memory"]
         for cond, ys in c["exact_match"].items():
             control = cond != "memory"
-            ax.plot(c["x"], [_v(y) for y in ys], ls="--" if control else "-", marker="" if control else "o", color=colour,
+            ls = CONTROL_STYLES[controls.index(cond) % len(CONTROL_STYLES)] if control else "-"
+            ax.plot(c["x"], [_v(y) for y in ys], ls=ls, marker="" if control else "o", color=colour,
                     alpha=0.6 if control else 1.0, label=f"{r['name']}" + (f" ({cond})" if control else ""))
     xs = [x for r in doc["runs"] for x in (((r["needle"] or {}).get("curves") or {}).get(key) or {}).get("x", [])]
     if xs and min(xs) > 0 and max(xs) / min(xs) >= 8:
@@ -101,7 +104,7 @@ def _curves(ax, doc: dict, key: str) -> None:
     ax.set_xlabel(axis or {"distance": "bytes between fact and cue", "n_facts": "facts written into one memory"}.get(xlabel, xlabel))
     ax.set_ylabel("exact match (share of facts)")
     ax.set_ylim(0, 1.05)
-    ax.set_title("capacity: facts in one memory" if key == "capacity" else f"needle {key} (dashed: controls)", fontsize=10)
+    ax.set_title("capacity: facts in one memory (dashed/dotted: controls)" if key == "capacity" else f"needle {key} (dashed/dotted: controls)", fontsize=10)
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
