@@ -44,7 +44,7 @@ NOT_RESULTS = {CONFIG, "sweep_settings.json"}  # JSON files of a folder that are
 # condition keys of result dicts: their label, and whether a row is a control ("control"), an upper
 # bound ("bound") or the measured condition (None)
 CONDITIONS = {
-    "memory": ("memory (facts written in it)", None),
+    "memory": ("memory (facts written)", None),
     "carried": ("memory carried", None),
     "fresh": ("fresh memory", "control"),
     "other_facts": ("memory written with other facts", "control"),
@@ -54,6 +54,7 @@ CONDITIONS = {
     "random": ("random unit vectors", "control"),
     "other_sequence": ("slots vs another sequence", "control"),
     "baseline": ("baseline", "control"),
+    "text_only": ("text only, no memory read", "control"),
     "control": ("control", "control"),
 }
 LABELS = {
@@ -287,6 +288,20 @@ def axis(v: Any) -> str:
     return f"{v:g}" if isinstance(v, float) else fmt(v)
 
 
+def curve_table(src: str, path: list, d: dict, axes: list[str], series: dict) -> str:
+    """x columns (the axes), then one column per condition and metric; controls marked."""
+    n = len(d[axes[0]])
+    cols = [(c, m) for c, v in series.items() for m in v]
+    head = "".join(f"<th>{esc(label(a))}</th>" for a in axes)
+    head += "".join(f"<th{row_class(c)}>{esc(cond_label(c))}: {esc(label(m))}</th>" for c, m in cols)
+    body = []
+    for i in range(min(n, MAX_ROWS)):
+        cells = "".join(f'<td class="num">{val(src, path + [a, i], d[a][i])}</td>' for a in axes)
+        cells += "".join(f'<td class="num">{val(src, path + [c, m, i], series[c][m][i])}</td>' for c, m in cols)
+        body.append(f"<tr>{cells}</tr>")
+    return f'<div class="scroll"><table class="data"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table></div>'
+
+
 def columnar_table(src: str, path: list, d: dict, keys: list[str]) -> str:
     """{a: [..], b: [..]} of equal lengths -> one row per index, one column per key."""
     n = len(d[keys[0]])
@@ -325,6 +340,16 @@ def render_dict(src: str, path: list, d: dict, depth: int, skip: set | None = No
                                                           matrix_table(src, path + [k], v, r_ax, c_ax), len(v)))
     if used:
         used |= {a for a, x in lists.items() if any(len(x) in (len(d[m]), len(d[m][0])) for m in used)}
+    # curves: axis lists of length n and {condition: {metric: [n values]}}: one table, a row per x
+    series = {k: v for k, v in items if k not in used and isinstance(v, dict) and v
+              and all(isinstance(x, list) and all(is_scalar(y) for y in x) for x in v.values())}
+    lengths = {len(x) for v in series.values() for x in v.values()}
+    if series and len(lengths) == 1:
+        n = lengths.pop()
+        axes = [k for k, v in lists.items() if len(v) == n and k not in used]
+        if axes:
+            used |= set(series) | set(axes)
+            parts.append(fold(f"{label(axes[0])}: {n} points", curve_table(src, path, d, axes, series), n))
     # equal-length lists: one table
     rest_lists = {k: v for k, v in lists.items() if k not in used}
     by_len: dict[int, list[str]] = {}
@@ -753,6 +778,7 @@ def experiment_column(exp: Experiment, f: RunFolder) -> str:
     else:
         v = ""
     head, keys = headline(exp, d)
+    keys = keys | {"notes"}  # shown as notes under the table
     meta = []
     if d.get("facts_file"):
         meta.append(f"facts: {esc(d['facts_file'])}")
@@ -777,7 +803,7 @@ def _new_sections(exp: Experiment, d: dict, keys: set) -> tuple[str, set]:
              "needle": {"settings", "model", "facts", "per_trial"}}.get(exp.name, set())
     out, shown = [], set()
     for k, v in d.items():
-        if k in keys or k in META or k in known or is_scalar(v):
+        if k in keys or k in META or k in known or is_scalar(v) or not v:
             continue
         shown.add(k)
         out.append(f'<h4>{esc(label(k))}</h4>{render(exp.json, [k], v, 1)}')
@@ -838,7 +864,7 @@ p.what{color:var(--mut);margin-top:-4px;max-width:70em}.cols{display:grid;grid-t
 .col{min-width:0;border:1px solid var(--line);border-radius:6px;padding:10px 12px;background:var(--bg)}
 table{border-collapse:collapse;margin:6px 0 10px;font-variant-numeric:tabular-nums}th,td{border:1px solid var(--line);padding:3px 7px;text-align:left;vertical-align:top}
 thead th{background:var(--alt)}td.num{text-align:right;white-space:nowrap}table.kv th{font-weight:normal}
-tr.control th,tr.control td,th.control{color:var(--ctl);background:#f7f5fb}tr.bound th,tr.bound td{color:#55606b;background:#f3f6f3}
+tr.control th,tr.control td,th.control{color:var(--ctl);background:#f7f5fb}tr.bound th,tr.bound td,th.bound{color:#55606b;background:#f3f6f3}
 .tag{font-size:11px;border:1px solid var(--ctl);color:var(--ctl);border-radius:3px;padding:0 3px;margin-left:4px}.tag.bound{border-color:#55606b;color:#55606b}
 .verdict{padding:8px 10px;border-radius:5px;margin:6px 0 10px;background:var(--neu)}.verdict.good{background:var(--good)}.verdict.bad{background:var(--bad)}
 .missing{padding:10px;border:1px dashed #b9c2cc;border-radius:5px;color:var(--mut);background:var(--alt)}
