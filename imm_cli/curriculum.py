@@ -264,20 +264,21 @@ def curriculum_episode(
     start = rng.randrange(0, len(text) - total)
     corpus = text[start : start + total].tobytes()
     items = [f.text.encode("ascii") for f in written]
-    pre, _ = _splice(corpus[: max(0, write_cap - used)], items, [place() for _ in written], rng,
-                     early=rng.random() < 0.5)
-    pre = pre[:write_cap]  # a fact at the very end may be cut: it is then not cued (checked below)
+    chunk_len = max(0, write_cap - used)
+    pre, _ = _splice(corpus[:chunk_len], items, [place() for _ in written], rng, early=rng.random() < 0.5)
+    # exactly the write region: short by the newlines not needed, continue the text; a fact cut at
+    # its end is not cued (checked below)
+    pre = (pre + corpus[chunk_len:chunk_len + write_cap - len(pre)])[:write_cap]
     rest_len = total - len(pre)
     cue_items = [f.text.encode("ascii") for f in cued]
     inserted = sum(len(c) + 2 for c in cue_items)
-    tail, offsets = _splice(corpus[len(corpus) - max(0, rest_len - inserted):], cue_items, [place() for _ in cued], rng)
-    stream = (pre + tail)[:total]
-    if len(stream) < total:
-        stream += corpus[: total - len(stream)]
-    kept = [(len(pre) + off, f) for off, f in zip(offsets, cued) if len(pre) + off + len(f.text) <= total
-            and stream[:len(pre)].count(f.text.encode()) >= 1]
-    if not kept:  # never happens with the sizes above; a degenerate episode rather than a crash
-        kept = []
+    from_ = len(corpus) - max(0, rest_len - inserted)
+    tail, offsets = _splice(corpus[from_:], cue_items, [place() for _ in cued], rng)
+    stream = (pre + tail + corpus[chunk_len:])[:total]  # (the filler after the tail is never reached in practice)
+    # cued facts in stream order; a fact whose written copy was cut off, or whose cue ran past the
+    # end, is not cued (its answer would not be in memory, or not in the episode)
+    kept = sorted(((len(pre) + off, f) for off, f in zip(offsets, cued)
+                   if len(pre) + off + len(f.text) <= total and f.text.encode() in stream[:len(pre)]), key=lambda t: t[0])
     assert len(stream) == total
 
     arr = np.frombuffer(stream, dtype=np.uint8).astype(np.int64)

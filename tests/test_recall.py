@@ -199,17 +199,19 @@ def tiny_runs(tmp_path_factory):
     return runs
 
 
-@pytest.mark.parametrize("kind", ["episodic", "linformer"])
-def test_recall_command(tiny_runs, kind, tmp_path):
+@pytest.mark.parametrize("kind, placement", [("episodic", "line"), ("linformer", "line"), ("episodic", "prose")])
+def test_recall_command(tiny_runs, kind, placement, tmp_path):
     out = tmp_path / "o"
-    r = runner.invoke(app, ["recall", "--run", str(tiny_runs[kind]), "--facts", "examples/facts.txt", "--out", str(out), "--json"])
+    r = runner.invoke(app, ["recall", "--run", str(tiny_runs[kind]), "--facts", "examples/facts.txt", "--out", str(out),
+                            "--placement", placement, "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert len(doc["facts"]) == 16
     for f in doc["facts"]:
         assert {"cue", "expected", "generated", "exact", "char_accuracy", "loss_per_byte", "loss_per_byte_fresh"} <= set(f)
         assert 0 <= f["char_accuracy"] <= 1 and math.isfinite(f["loss_per_byte"])
-    assert set(doc["summary"]) == {"memory", "fresh"}
+    assert set(doc["summary"]) == {"memory", "fresh", "other_facts"}
+    assert doc["settings"]["placement"] == placement
     assert doc["context_influence"]["mean_kl_rest"] >= 0
     assert (out / "context_influence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "recall.json").is_file()
@@ -218,8 +220,8 @@ def test_recall_command(tiny_runs, kind, tmp_path):
 def test_needle_command(tiny_runs, tmp_path):
     out = tmp_path / "n"
     r = runner.invoke(app, ["needle", "--run", str(tiny_runs["episodic"]), "--facts", "examples/facts.txt", "--trials", "2",
-                            "--length", "256", "--lengths", "256,384", "--depths", "0,1", "--capacity", "1,4",
-                            "--out", str(out), "--json"])
+                            "--length", "256", "--lengths", "256,384", "--depths", "0,1", "--document", "1,4,64",
+                            "--distance", "256,1024", "--out", str(out), "--json"])
     assert r.exit_code == 0, r.output
     doc = json.loads(r.stdout)
     assert set(doc["conditions"]) == set(CONDITIONS)
@@ -231,9 +233,32 @@ def test_needle_command(tiny_runs, tmp_path):
     assert {"cue", "expected"} <= set(doc["facts"][0])
     assert {"generated", "exact"} <= set(doc["facts"][0]["conditions"]["memory"])
     assert doc["heatmap"]["lengths"] == [256, 384] and len(doc["heatmap"]["exact_match"]) == 2
-    assert doc["capacity"]["n_facts"] == [1, 4]
-    for name in ("needle.json", "needle_heatmap.png", "capacity.png"):
+    assert set(doc["placements"]) == {"line", "prose"} and doc["placements"]["line"] == doc["conditions"]
+    assert doc["capacity"]["n_facts"] == [1, 4, 16]  # 64 capped at the 16 facts given, with a note
+    assert any("at most 16 facts" in n for n in doc["notes"])
+    for curve, conds in ((doc["capacity"], ("memory", "fresh", "text_only")), (doc["distance"], ("memory", "fresh", "other_facts"))):
+        for c in conds:
+            assert len(curve[c]["exact_match"]) == len(curve["n_facts" if "n_facts" in curve else "lengths"])
+    assert doc["distance"]["lengths"] == [256, 1024]
+    for name in ("needle.json", "needle_heatmap.png", "capacity.png", "distance.png"):
         assert (out / name).is_file()
+
+
+def test_facts_longer_than_the_window_are_measured(tiny_runs, tmp_path):
+    """A fact longer than the window is written, cued and generated past the window; only the
+    fact-in-window control, which cannot hold it, is null with a note."""
+    facts = tmp_path / "long.txt"
+    facts.write_text("Zorvak Tennel " + "was born in a village by the sea, " * 4 + "in 1873.\nQuibbel Harrow sailed far.\n")
+    r = runner.invoke(app, ["needle", "--run", str(tiny_runs["episodic"]), "--facts", str(facts), "--trials", "1",
+                            "--no-sweeps", "--placement", "prose", "--out", str(tmp_path / "n"), "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["facts"][0]["conditions"]["in_context"] is None
+    assert any("do not fit" in n for n in doc["notes"])
+    # generated past the 128-byte window: as many bytes as the 145-byte rest (decoded with replacement: a
+    # tiny model's invalid UTF-8 becomes one U+FFFD per byte, so characters <= bytes)
+    gen = doc["facts"][0]["conditions"]["memory"]["generated"]
+    assert 128 < len(gen) <= 145
 
 
 def test_commands_refuse_a_model_without_memory(tiny_runs, tmp_path):

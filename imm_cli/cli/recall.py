@@ -9,11 +9,9 @@ import typer
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import _clean, check_seed, console, handle_errors, holding, mark_outputs, print_json, safe
-from imm_cli.cli.store import FORCE_HELP, check_out  # the run folder by default, checked
+from imm_cli.cli.common import _clean, console, handle_errors, mark_outputs, print_json, safe
+from imm_cli.cli.store import FORCE_HELP, open_with_facts
 from imm_cli.experiments.recall import run_recall
-from imm_cli.experiments.setup import open_facts, open_run
-from imm_cli.facts import load_facts
 
 RECALL_FILES = ("recall.json", "context_influence.png")
 
@@ -23,6 +21,7 @@ def recall(
     run: Path = typer.Option(..., help="Run folder made by `imm train` (with memory)."),
     facts: Path = typer.Option(..., help="Facts file, one per line; the cue is the first two words (e.g. examples/facts.txt)."),
     context: int = typer.Option(32, help="Bytes of other text before the cue in the test context."),
+    placement: str = typer.Option("line", help="line: the facts one per line, cues at line starts; prose: each fact inside a line of running text, its cue after other words on its line."),
     seed: int = typer.Option(0, help="Seed of the test contexts."),
     out: Optional[Path] = typer.Option(None, help="Folder for recall.json and context_influence.png [default: the run folder]."),
     device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
@@ -30,13 +29,8 @@ def recall(
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Show each fact once (memory updates on), then complete each cue with the memory frozen."""
-    check_seed(seed)
-    out_dir = check_out(run, out, "recall", RECALL_FILES, force)
-    load_facts(facts)  # the file and its lines before any work (whether they fit the model: open_facts)
-    with holding(out_dir):
-        model, _, text = open_run(run, device)
-        fact_list = open_facts(facts, model)
-        result = run_recall(model, fact_list, text, seed=seed, context=context)
+    with open_with_facts(run, facts, out, "recall", RECALL_FILES, force, device, seed) as (out_dir, model, text, fact_list):
+        result = run_recall(model, fact_list, text, seed=seed, context=context, placement=placement)
         doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}
         from imm_cli.plots.recall import plot_context_influence
 
@@ -53,7 +47,8 @@ def recall(
 
 
 def _print(r: dict) -> None:
-    t = Table(title=f"recall: {r['settings']['facts']} facts shown once ({r['model']['memory']}, {r['model']['slots']} slots)")
+    t = Table(title=f"recall: {r['settings']['facts']} facts shown once, {r['settings']['placement']} placement "
+                    f"({r['model']['memory']}, {r['model']['slots']} slots)")
     for col in ("cue", "expected", "generated (memory)", "exact", "char acc", "loss/byte", "generated (fresh)", "char acc", "loss/byte"):
         t.add_column(col, justify="right" if col in ("char acc", "loss/byte", "exact") else "left")
     for f in r["facts"]:
@@ -63,7 +58,8 @@ def _print(r: dict) -> None:
     s = Table(title="summary")
     for col in ("condition", "exact match", "char accuracy", "loss/byte"):
         s.add_column(col, justify="left" if col == "condition" else "right")
-    for name, label in (("memory", "memory written with the facts"), ("fresh", "fresh memory (control)")):
+    for name, label in (("memory", "memory written with the facts"), ("fresh", "fresh memory (control)"),
+                        ("other_facts", "memory of the other half of the facts (control)")):
         m = r["summary"][name]
         s.add_row(label, f"{m['exact_match']:.2f}", f"{m['char_accuracy']:.2f}", f"{m['loss_per_byte']:.3f}")
     console.print(s)

@@ -60,6 +60,14 @@ def _tables(r) -> None:
     if r.undefined_rows:
         t.add_row("sequences with nothing to read (usage undefined)", str(r.undefined_rows))
     t.add_row("NaN/inf seen", "yes" if r.nonfinite else "no")
+    ret = r.retention
+    if ret.get("budget"):
+        t.add_row("entries kept / budget (after the last sequence)", f"{ret['entries']:,} / {ret['budget']:,}")
+    if "score_median" in ret:
+        t.add_row("surprise of kept entries, nats: min / median / max",
+                  f"{fmt(ret['score_min'])} / {fmt(ret['score_median'])} / {fmt(ret['score_max'])}")
+        t.add_row("age of kept entries in segments: median (max)", f"{ret['age_median']:.0f} ({ret['age_max']:.0f} of {ret['writes']})")
+        t.add_row("kept entries written in the first half of the stream", fmt(ret["kept_from_first_half"]))
     console.print(t)
 
     s = Table(title="per slot")

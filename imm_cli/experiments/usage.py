@@ -47,6 +47,7 @@ class UsageResult(SequenceRun):
     writes: list[float] | None  # episodic: share of the writes each slot received (sums to 1); linformer: None
     # (each linformer slot takes exactly one unit of write attention per segment by construction)
     gates: list[dict]  # per memory layer: layer, mean, std, min, max of the read gate
+    retention: dict  # the memory's own account of its final state (episodic: entries kept, their surprise and age)
     undefined_rows: int
     nonfinite: bool
     notes: list[str] = field(default_factory=list)
@@ -71,6 +72,7 @@ def slot_usage(run_dir: Path, sequences: int = 50, random_tokens: bool = False, 
     writes = np.zeros(S)
     gates: list[np.ndarray] = []
     nonfinite = False
+    state = None
     for t, records, logits, state in walk(model, stream):
         reads = pick(records, "read_attn")  # one per memory layer: (1 n s)
         for a in reads:
@@ -118,5 +120,6 @@ def slot_usage(run_dir: Path, sequences: int = 50, random_tokens: bool = False, 
         local_mass=_l(local_mass) if np.isfinite(local_mass).any() else None,
         writes=_l(writes / writes.sum()) if writes.sum() > 0 else None,
         gates=[{"layer": layer, "mean": gs["mean"], "std": gs["std"], "min": gs["min"], "max": gs["max"]}],
+        retention=model.memory.describe(state) if state is not None else {},
         undefined_rows=int((~defined).sum()), nonfinite=bool(nonfinite), notes=notes,
     )

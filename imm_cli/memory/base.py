@@ -19,6 +19,7 @@ Everything else has a correct default that a memory may override for speed or an
     read_episode(h, stream, starts, n) exactly what the sequential loop would read (no default:
                                       without it the model runs the loop, which is always exact)
     slot_filled(state)                which slots hold something (default: all)
+    describe(state)                   figures about what the state holds, for reports (default: none)
     no_weight_decay()                 parameter names AdamW must not decay (default: none)
 
 Three switches serve the experiments:
@@ -104,6 +105,10 @@ class Memory(nn.Module):
         """(b s) bool: which slots hold something (an empty slot is left out of slot statistics)."""
         b = next(iter(state.values())).shape[0]
         return torch.ones(b, self.cfg.slots, dtype=torch.bool)
+
+    def describe(self, state: State) -> dict:
+        """Plain numbers about what the state of sequence 0 holds (e.g. entries kept and why), for reports."""
+        return {}
 
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) of matrices that AdamW must not decay (e.g. lookup tables)."""

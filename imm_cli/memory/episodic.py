@@ -118,6 +118,21 @@ class EpisodicMemory(Memory):
         per_slot.index_add_(1, self.slot_of_entries(valid.device), valid)
         return per_slot > 0
 
+    def describe(self, state: State) -> dict:
+        """What sequence 0's memory keeps: how full the budget is, the surprise of what stayed (the
+        retention score), and how old the kept entries are (in writes, i.e. segments, before the last)."""
+        score, born, writes = state["score"][0], state["born"][0], int(state["writes"][0])
+        kept = torch.isfinite(score)
+        n = int(kept.sum())
+        if n == 0:
+            return {"entries": 0, "budget": self.size, "writes": writes}
+        age = (writes - 1 - born[kept]).float()
+        s = score[kept].float()
+        return {"entries": n, "budget": self.size, "writes": writes,
+                "score_min": float(s.min()), "score_median": float(s.median()), "score_max": float(s.max()),
+                "age_median": float(age.median()), "age_max": float(age.max()),
+                "kept_from_first_half": float((age >= writes / 2).float().mean())}
+
     # --- reading -------------------------------------------------------------------------------
     def _stored_topk(self, q: Tensor, state: State) -> tuple[Tensor, Tensor]:
         """Scores (b n k) and indices (b n k) of the `topk` best-matching stored entries of each query."""

@@ -55,21 +55,45 @@ def plot_needle_heatmap(result: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
-def plot_capacity(result: dict, path: Path) -> None:
-    cap = result["capacity"]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot(cap["n_facts"], cap["exact_match"], "o-", label="memory: exact match")
-    ax.plot(cap["n_facts"], cap["char_accuracy"], "s-", label="memory: character accuracy")
-    fresh = result["conditions"]["fresh"]
-    ax.axhline(fresh["exact_match"], color="C0", ls=":", label="fresh memory: exact match")
-    ax.axhline(fresh["char_accuracy"], color="C1", ls=":", label="fresh memory: character accuracy")
+def _curves(ax, xs: list, curve: dict, conds: dict[str, str]) -> None:
+    """Exact match (solid) and character accuracy (dashed) of each condition, controls in the same axes."""
+    for i, (cond, label) in enumerate(conds.items()):
+        c = curve[cond]
+        ax.plot(xs, c["exact_match"], "o-", color=f"C{i}", label=f"{label}: exact match")
+        ax.plot(xs, c["char_accuracy"], "s--", color=f"C{i}", alpha=0.6, label=f"{label}: character accuracy")
     ax.set_xscale("log", base=2)
-    ax.set_xticks(cap["n_facts"], [str(n) for n in cap["n_facts"]])
+    ax.set_xticks(xs, [f"{x:,}" for x in xs])
     ax.set_ylim(0, 1.05)
-    ax.set_xlabel("facts written into one memory (each in its own haystack)")
-    ax.set_ylabel("share of facts (exact) or bytes (char acc)")
-    ax.set_title(f"Needle capacity: recall as facts share one memory\n({result['model'].get('memory', '?')} memory, "
-                 f"{result['model']['slots']} slots, haystacks of {result['settings']['length']} bytes)", fontsize=10)
+    ax.set_ylabel("share of facts (exact) or of rest bytes (char. acc.)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=7)
+
+
+def _model_line(result: dict) -> str:
+    m = result["model"]
+    size = f", {m['memory_size']:,} entries" if m.get("memory_size") and m.get("memory") == "episodic" else ""
+    return f"{m.get('memory', '?')} memory, {m['slots']} slots{size}"
+
+
+def plot_capacity(result: dict, path: Path) -> None:
+    """The document measurement: N facts spread through one text, one memory, each cued afterwards."""
+    cap = result["capacity"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    _curves(ax, cap["n_facts"], cap, {"memory": "memory (the document)", "fresh": "fresh memory",
+                                      "text_only": "memory of the text without its facts"})
+    ax.set_xlabel(f"facts in one document ({cap['spacing']} bytes of text per fact, {cap['placement']} placement)")
+    ax.set_title(f"Capacity: recall of each of N facts written into one memory\n({_model_line(result)}; "
+                 f"{result['settings']['facts']} facts given)", fontsize=10)
+    save_figure(fig, path)
+
+
+def plot_distance(result: dict, path: Path) -> None:
+    """The fact at depth 0 of haystacks of growing length: recall against the bytes written after it."""
+    d = result["distance"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    _curves(ax, d["lengths"], d, {"memory": "memory (fact written first)", "fresh": "fresh memory",
+                                  "other_facts": "another fact's memory"})
+    ax.set_xlabel(f"haystack length in bytes, the fact at its start ({d['placement']} placement)")
+    ax.set_title(f"Distance: recall of a fact read long before its cue\n({_model_line(result)}; "
+                 f"{result['settings']['facts']} facts)", fontsize=10)
     save_figure(fig, path)
