@@ -88,7 +88,7 @@ class Browser:
         self.proc = subprocess.Popen([exe, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
                                      stdout=self.log, stderr=subprocess.STDOUT)
         port_file = profile / "DevToolsActivePort"
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 180  # generous: a loaded 2-core CI machine starts Chromium slowly
         while not (port_file.is_file() and port_file.read_text().strip()):
             if self.proc.poll() is not None or time.monotonic() > deadline:
                 self.close()
@@ -97,12 +97,12 @@ class Browser:
         port = port_file.read_text().split()[0]
         no_proxy = urllib.request.build_opener(urllib.request.ProxyHandler({}))
         for _ in range(100):
-            targets = json.loads(no_proxy.open(f"http://127.0.0.1:{port}/json/list", timeout=10).read())
+            targets = json.loads(no_proxy.open(f"http://127.0.0.1:{port}/json/list", timeout=60).read())
             pages = [t for t in targets if t.get("type") == "page"]
             if pages:
                 break
             time.sleep(0.1)
-        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=60,
+        self.ws = websocket.create_connection(pages[0]["webSocketDebuggerUrl"], timeout=180,
                                               http_no_proxy=["127.0.0.1", "localhost"], suppress_origin=True)
         self.next_id = 0
         self.events: list[dict] = []
@@ -119,7 +119,7 @@ class Browser:
             if "method" in msg:
                 self.events.append(msg)
 
-    def wait_for(self, event: str, timeout: float = 60) -> None:
+    def wait_for(self, event: str, timeout: float = 180) -> None:
         deadline = time.monotonic() + timeout
         while not any(e["method"] == event for e in self.events):
             if time.monotonic() > deadline:
