@@ -10,9 +10,11 @@ note with the command that runs it.
 Self-contained: no network, no script, no external stylesheet; PNGs are embedded as base64 data
 URIs. Every text taken from a file is escaped. Fields may be missing or new: any dict of
 condition -> metrics is a table, any dict of equal-length lists is a table, any matrix with axis
-lists is a table, so new results appear without a change here. Every number taken from a result
-file sits in an element carrying `data-key="FILE:PATH"` (e.g. `needle.json:conditions.memory.exact_match`),
-which is how tests (and scripts) find the figure of a JSON file on the page.
+lists is a table, any curve (x lists and condition -> metric -> values) is a table a row per x, so
+new results appear without a change here. Every number taken from a result file sits in an element
+carrying `data-key="FILE:PATH"` (e.g. `needle.json:conditions.memory.exact_match`; in a .jsonl file
+PATH starts with the index of the row among its readable rows), inside the column of its folder
+(`data-run`): that is how tests (and scripts) find the figure of a JSON file on the page.
 
 Plain Python: no torch, no typer, no rich (the CLI writes the file).
 """
