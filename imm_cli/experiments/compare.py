@@ -27,6 +27,7 @@ import statistics
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable
 
 from imm_cli import runs
@@ -287,36 +288,37 @@ def run_experiment(run: Path, experiment: str, settings: CompareSettings) -> dic
 
 # --- training throughput ----------------------------------------------------------------------------
 class StepTimer:
-    """One contender of the speed rounds: the real training step of imm_cli.train on its own model."""
+    """One contender of the speed rounds: imm_cli.train's own training step (learning-rate schedule,
+    batches with gap segments as training draws them, loss, clipping, NaN guard, AdamW) on its own model."""
 
     def __init__(self, model_cfg, train_cfg, corpus, device) -> None:
         import torch
 
+        from imm_cli import distributed
         from imm_cli.model import GPT
-        from imm_cli.train import Batches, make_optimizer
+        from imm_cli.train import Batches, episode_loss, make_optimizer
 
         torch.manual_seed(train_cfg.seed)
         self.cfg, self.device = train_cfg, device
         self.model = GPT(model_cfg).to(device).train()
         self.opt = make_optimizer(self.model, train_cfg, device)
-        self.batches = Batches(corpus, model_cfg, train_cfg, train_cfg.effective_segments(model_cfg.memory), train_cfg.seed)
+        segments = train_cfg.effective_segments(model_cfg.memory)
+        # gap segments as imm train draws them; none without memory (nothing carries across a gap there)
+        batched = self.model.episode_path(segments + train_cfg.max_gap, model_cfg.block_size) == "batched"
+        gap = train_cfg.max_gap if model_cfg.memory.enabled and batched else 0
+        self.batches = Batches(corpus, model_cfg, train_cfg, segments, train_cfg.seed, gap)  # as imm train makes them
+        self.dist = distributed.Dist(device=device)
+        self.loss = distributed.wrap(self.model, episode_loss, self.dist)
+        self.guard = SimpleNamespace(main=False, out=None, step=0)  # what the NaN guard reads of a checkpoint: writes nothing
         self.tokens = train_cfg.batch_size * model_cfg.block_size
+        self.n = 0
 
     def step(self) -> float:
-        import torch
-
-        from imm_cli.train import autocast_for, episode_loss
+        from imm_cli.train import train_step
 
         t0 = time.perf_counter()
-        x, y, *gap = self.batches.next()  # (x, y) or (x, y, gap segments)
-        with autocast_for(self.device):
-            loss = episode_loss(self.model, x.to(self.device), y.to(self.device), *gap)[0]
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        clip = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
-        torch.stack([loss.detach().float(), gnorm.detach().float()]).tolist()  # the loop's one host sync
-        self.opt.step()
+        train_step(self.n, self.model, self.opt, self.batches, self.loss, self.cfg, self.dist, self.device, self.guard)
+        self.n += 1
         return time.perf_counter() - t0
 
 
