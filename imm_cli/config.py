@@ -32,6 +32,7 @@ class MemoryConfig:
     norm: str = "layer"  # linformer: state normalisation after each write, "layer" or "l2"
     size: int = 4096  # episodic, knn: the memory's budget in entries (one entry per written position; knn drops the oldest)
     topk: int = 8  # episodic, knn: stored entries each query reads, the best-matching ones; 0 = all (episodic), 32 (knn)
+    span: int = 64  # episodic: retention scores a byte by the mean surprise of the span of bytes around it (1 = its own)
     entries: int = 0  # episodic: positions one write offers at most, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
     key_dim: int = 64  # episodic, knn, delta: width of keys and queries (knn: over all its heads)
@@ -62,6 +63,7 @@ class MemoryConfig:
         _require(0 <= self.value_dim <= 4096, f"--memory-value-dim must be between 0 (n_embd) and 4096 (got {self.value_dim})")
         _require(self.slots <= self.size <= 1_048_576 or self.kind == "linformer" or self.slots == 0,
                  f"--memory-size must be between --slots ({self.slots}) and 1048576 entries (got {self.size})")
+        _require(1 <= self.span <= 1024, f"--memory-span must be between 1 and 1024 bytes (got {self.span})")
         _require(0 <= self.topk <= 65_536, f"--memory-topk must be between 0 (all) and 65536 (got {self.topk})")
         _require(0 < self.decay <= 1, f"--memory-decay must be in (0, 1] (got {self.decay})")
         return self
@@ -176,7 +178,7 @@ def to_dict(obj) -> dict:
 FLAGS: dict[str, tuple[str, str]] = {
     "slots": ("memory", "slots"), "memory": ("memory", "kind"), "memory_lr": ("memory", "lr"),
     "memory_norm": ("memory", "norm"), "memory_temp": ("memory", "temp"), "memory_size": ("memory", "size"),
-    "memory_topk": ("memory", "topk"), "memory_entries": ("memory", "entries"), "memory_key_bytes": ("memory", "key_bytes"),
+    "memory_topk": ("memory", "topk"), "memory_span": ("memory", "span"), "memory_entries": ("memory", "entries"), "memory_key_bytes": ("memory", "key_bytes"),
     "memory_key_dim": ("memory", "key_dim"), "memory_value_dim": ("memory", "value_dim"),
     "layers": ("model", "n_layer"), "heads": ("model", "n_head"), "embd": ("model", "n_embd"), "block_size": ("model", "block_size"),
     "batch_size": ("train", "batch_size"), "iters": ("train", "iters"), "lr": ("train", "lr"), "segments": ("train", "segments"),
@@ -208,7 +210,9 @@ def flag_values(model: ModelConfig, train: TrainConfig) -> dict:
 
 
 # fields that configs written before they existed may lack, with the value that means the old behaviour
-LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0}}
+# (value_dim: full-width values; topk 0: the dense read they were trained with; span 1: retention by a
+# byte's own surprise; size: see model_config_from_dict)
+LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "topk": 0, "span": 1, "size": None}}
 
 
 def model_config_from_dict(d: dict, strict: bool = False) -> ModelConfig:
@@ -218,6 +222,8 @@ def model_config_from_dict(d: dict, strict: bool = False) -> ModelConfig:
     if strict and "memory" not in d:
         raise InputError("model.memory is missing")
     mem_d = {**LEGACY_DEFAULTS.get(MemoryConfig, {}), **dict(d.pop("memory", {}))}
+    if mem_d["size"] is None:  # before the entry budget: the same capacity as slots x block entries
+        mem_d["size"] = max(1, int(mem_d.get("slots", MemoryConfig.slots))) * int(d.get("block_size", ModelConfig.block_size))
     mem = MemoryConfig(**_known(MemoryConfig, mem_d, "model.memory", strict))
     return ModelConfig(**_known(ModelConfig, d, "model", strict), memory=mem).check()
 

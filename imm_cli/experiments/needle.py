@@ -72,6 +72,7 @@ class NeedleResult:
     distance: dict | None = None
     capacity: dict | None = None
     seconds: float = 0.0
+    stage_seconds: dict = field(default_factory=dict)  # where the time went: main conditions and each sweep
     verdict: str = ""
     notes: list[str] = field(default_factory=list)
     per_trial: list[dict] = field(default_factory=list)
@@ -351,10 +352,12 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
                                                    "char_accuracy": float(np.mean(t[c]["char_accuracy"]))})
                     for c in CONDITIONS} for t in trials_by_place[first_place]],
     )
+    result.stage_seconds["conditions"] = time.perf_counter() - t0
     if s.sweeps:
-        result.heatmap = heatmap(model, facts, text, s)
-        result.distance = distance(model, facts, text, s)
-        result.capacity = document(model, facts, text, s)
+        for name, fn in (("heatmap", heatmap), ("distance", distance), ("capacity", document)):
+            t1 = time.perf_counter()
+            setattr(result, name, fn(model, facts, text, s))
+            result.stage_seconds[name] = time.perf_counter() - t1
     result.verdict = verdict(conditions)
     result.seconds = time.perf_counter() - t0
     return result

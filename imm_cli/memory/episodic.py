@@ -4,12 +4,19 @@ State: up to `size` entries per sequence (the budget). Each write takes one segm
 to `entries` of its positions (all by default), most surprising first:
   key   = the `key_bytes` bytes ending at position i, as a learned n-gram embedding (unit vector);
   value = the byte that followed position i (stored as its id, read through a learned embedding);
-  score = the model's loss on that byte when it was written (its surprise, in nats).
+  score = how surprising the span around position i was when it was written: the mean of the
+          model's per-byte loss over the `span` positions centred on i (within the segment), for
+          a byte the model missed (loss > ln 2, i.e. it was not sure of it); a byte it predicted
+          with p > 1/2 keeps its own, low, loss: it needs no entry, the model produces it itself.
 Retention is per entry: an offered entry replaces the lowest-scored stored entry when it scores
-higher, so the memory always holds the `size` most surprising entries it was offered (scores
+higher, so the memory always holds the `size` best-scored entries it was offered (scores
 multiplied by `decay` at each write; 1.0, the default, means age alone never evicts anything).
-Ordinary text the model predicts well is forgotten first; a fact's bytes, which no model can
-predict, are kept however long ago they were written.
+Why a span: a fact is a run of surprising bytes, and its recall needs every byte of the run the
+model cannot predict; a byte's own loss ranks scattered hard bytes of ordinary text (names, line
+starts) level with a fact's, while the span's mean keeps the fact's whole run together (measured
+on a 16 KB haystack with the default run: 41% of a fact's bytes kept by own loss, 99% by a
+32-byte span). Titans (Behrouz et al. 2024) carries surprise forward with momentum for the same
+reason: what follows a surprising event is worth remembering with it.
 
 Reading: each position's own n-gram query is scored (cosine, learned temperature) against every
 stored entry; only the `topk` best-matching entries enter the softmax, beside a learned "nothing
@@ -252,10 +259,20 @@ class EpisodicMemory(Memory):
         return self._gated(h, per_byte, {})
 
     # --- writing -------------------------------------------------------------------------------
+    def retention_score(self, surprise: Tensor) -> Tensor:
+        """(b n) per-byte loss -> (b n) retention score (see the module docstring)."""
+        w = self.cfg.span
+        if w <= 1:
+            return surprise
+        half = w // 2
+        padded = F.pad(surprise[:, None], (half, half), mode="replicate")  # a segment's edge repeats
+        mean = F.avg_pool1d(padded, 2 * half + 1, stride=1)[:, 0]
+        return torch.where(surprise > math.log(2), mean, surprise)
+
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
         b, n = seg.ids.shape
         M, dk = self.size, self.cfg.key_dim
-        score = surprise.masked_fill(seg.targets < 0, -math.inf)
+        score = self.retention_score(surprise).masked_fill(seg.targets < 0, -math.inf)
         k = min(self.per_write, n, M)
         new_score, pos = score.topk(k, dim=1)  # (b k) offered entries, most surprising first
         new_keys = self.context_keys(seg).gather(1, pos[..., None].expand(-1, -1, dk))
