@@ -31,7 +31,7 @@ class MemoryConfig:
     lr: float = 0.04  # linformer: EMA rate merging a write into the state (notes' best 0.04)
     norm: str = "layer"  # linformer: state normalisation after each write, "layer" or "l2"
     size: int = 4096  # episodic, knn: the memory's budget in entries (one entry per written position; knn drops the oldest)
-    topk: int = 8  # episodic, knn: stored entries each query reads, the best-matching ones; 0 = all (episodic), 32 (knn)
+    topk: int = 4  # episodic, knn: stored entries each query reads, the best-matching ones; 0 = all (episodic), 32 (knn)
     span: int = 64  # episodic: retention scores a byte by the mean surprise of the span of bytes around it (1 = its own)
     entries: int = 0  # episodic: positions one write offers at most, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
@@ -111,7 +111,7 @@ class TrainConfig:
     weight_decay: float = 0.1  # on matrices only
     grad_clip: float = 1.0  # max gradient norm; 0 = off
     curriculum: float = 0.25  # share of episodes that are synthetic-fact recall episodes (0 = plain corpus only)
-    max_gap: int = 24  # half the steps, 1..max_gap unscored segments of text before each episode's last (recall across a gap)
+    max_gap: int = 28  # half the steps, 1..max_gap unscored segments of text before each episode's last (recall across a gap)
     eval_every: int = 250  # steps between validation evaluations
     eval_batches: int = 8  # validation episodes batches per evaluation
     save_every: int = 500  # steps between checkpoints

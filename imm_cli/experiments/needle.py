@@ -53,7 +53,7 @@ class NeedleSettings:
     context: int = 32  # bytes of other text before the cue in the test context
     seed: int = 0
     placements: tuple[str, ...] = ("line", "prose")  # how the fact and its cue sit in text; the first is the headline
-    lengths: tuple[int, ...] = (512, 2048, 8192)  # heatmap rows (up to 65,536)
+    lengths: tuple[int, ...] = (1024, 4096)  # heatmap rows (up to 65,536); depth 0 of a distance length is reused
     depths: tuple[float, ...] = (0.0, 0.5, 1.0)  # heatmap columns
     distance: tuple[int, ...] = (1024, 4096, 16384)  # haystacks with the fact at depth 0 (up to 65,536)
     document: tuple[int, ...] = (4, 8, 16, 32, 64, 128)  # facts in one document (capped at the facts given)
@@ -166,8 +166,9 @@ def _summarise(per_trial: list[dict]) -> dict[str, dict[str, float] | None]:
 
 
 @torch.no_grad()
-def heatmap(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings) -> dict:
-    """Memory condition for every (length, depth): exact match and character accuracy."""
+def heatmap(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings, dist: dict | None = None) -> dict:
+    """Memory condition for every (length, depth): exact match and character accuracy. A cell at
+    depth 0 whose length the distance curve measured (`dist`) is taken from it, not measured twice."""
     device = model.wte.weight.device
     rng = random.Random(s.seed + 10_000)
     rests = probe.encode_rests(facts)
@@ -176,16 +177,24 @@ def heatmap(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings) 
     em = np.zeros((len(s.lengths), len(s.depths)))
     ca = np.zeros_like(em)
     N = len(facts)
+    known = {} if dist is None else {L: i for i, L in enumerate(dist["lengths"])}
     for li, L in enumerate(s.lengths):
+        todo = [di for di, d in enumerate(s.depths) if not (d == 0 and L in known)]
+        for di, d in enumerate(s.depths):
+            if di not in todo:
+                em[li, di] = dist["memory"]["exact_match"][known[L]]
+                ca[li, di] = dist["memory"]["char_accuracy"][known[L]]
+        if not todo:
+            continue
         hay, prompts = [], []
-        for d in s.depths:
-            hay += [probe.haystack(text, f, L, d, rng, place) for f in facts]
+        for di in todo:
+            hay += [probe.haystack(text, f, L, s.depths[di], rng, place) for f in facts]
             prompts += [probe.cue_prompt(text, f, P, rng, placement=place) for f in facts]
-        r = _evaluate(model, _write_haystacks(model, hay, device), probe.as_ids(prompts, device), rests * len(s.depths),
+        r = _evaluate(model, _write_haystacks(model, hay, device), probe.as_ids(prompts, device), rests * len(todo),
                       with_rank=False)
-        for di in range(len(s.depths)):
-            em[li, di] = np.mean(r["exact"][di * N:(di + 1) * N])
-            ca[li, di] = np.mean(r["char_accuracy"][di * N:(di + 1) * N])
+        for j, di in enumerate(todo):
+            em[li, di] = np.mean(r["exact"][j * N:(j + 1) * N])
+            ca[li, di] = np.mean(r["char_accuracy"][j * N:(j + 1) * N])
     return {"lengths": list(s.lengths), "depths": list(s.depths), "placement": place,
             "exact_match": em.tolist(), "char_accuracy": ca.tolist()}
 
@@ -354,9 +363,9 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
     )
     result.stage_seconds["conditions"] = time.perf_counter() - t0
     if s.sweeps:
-        for name, fn in (("heatmap", heatmap), ("distance", distance), ("capacity", document)):
+        for name, fn in (("distance", distance), ("heatmap", heatmap), ("capacity", document)):
             t1 = time.perf_counter()
-            setattr(result, name, fn(model, facts, text, s))
+            setattr(result, name, fn(model, facts, text, s, result.distance) if name == "heatmap" else fn(model, facts, text, s))
             result.stage_seconds[name] = time.perf_counter() - t1
     result.verdict = verdict(conditions)
     result.seconds = time.perf_counter() - t0
