@@ -148,7 +148,8 @@ def _speed_cell(r: dict) -> str:
 
 def _print(doc: dict) -> None:
     facts = {str((r["needle"] or {}).get("facts_file")) for r in doc["runs"] if r["needle"]}
-    t = Table(title=escape(f"imm compare: {len(doc['runs'])} run(s); needle on {', '.join(sorted(facts)) or 'no facts'}"))
+    needle = f"needle on {', '.join(sorted(facts))}" if facts else "no needle results"
+    t = Table(title=escape(f"imm compare: {len(doc['runs'])} run(s); {needle}"))
     t.add_column("figure")
     for r in doc["runs"]:
         t.add_column(Text(r["name"]), justify="right")
