@@ -118,41 +118,32 @@ def test_figures_are_those_of_the_runs_files(imm, ep_run, s0_run, tmp_path):
     assert saved["runs"] == doc["runs"] and doc["files"]["json"] == str(out / "compare.json")
 
 
-def test_no_run_shows_not_run_and_writes_nothing_into_runs(imm, tiny_run, s0_run, tmp_path):
-    before = snapshot(tiny_run, s0_run)
-    r = imm("compare", str(tiny_run), str(s0_run), "--no-run", "--no-speed", "--out", str(tmp_path / "o"), "--json")
+def test_no_run_reads_what_is_there_and_says_what_is_not(imm, tiny_run, s0_run, ep_run, tmp_path):
+    """One compare --no-run of four runs: nothing written into any; missing, stale and other-facts
+    results said as such; a run saved before its first summary counted from its config."""
+    step0, stale = tmp_path / "step0", tmp_path / "stale"
+    shutil.copytree(tiny_run, step0)
+    shutil.copytree(ep_run, stale)
+    (step0 / "config.json").write_text(json.dumps({**_read(tiny_run, "config.json"), "summary": {"step": 0}}))
+    old = time.time() - 3600
+    os.utime(stale / "needle.json", (old, old))  # older than the weights: from an earlier training
+    runs_ = [tiny_run, s0_run, ep_run, stale, step0]
+    before = snapshot(*runs_)
+    r = imm("compare", *map(str, runs_), "--facts", "examples/heldout_facts.txt", "--no-run", "--no-speed",
+            "--out", str(tmp_path / "o"), "--json")
     assert r.code == 0, r.stderr
-    ep = json.loads(r.stdout)["runs"][0]
-    assert ep["store"] is None and ep["usage"] is None and ep["needle"] is None
-    assert ep["status"]["needle"] == "not run"
+    assert snapshot(*runs_) == before
+    fresh, s0, ep, old_needle, no_summary = json.loads(r.stdout)["runs"]
+    assert fresh["store"] is None and fresh["usage"] is None and fresh["needle"] is None
+    assert fresh["status"]["needle"] == "not run" and s0["status"]["needle"] == "no memory"
     assert "not run" in r.stderr and "—" in r.stderr
-    assert snapshot(tiny_run, s0_run) == before
-
-
-def test_a_run_without_summary_counts_parameters_from_its_config(imm, tiny_run, tmp_path):
-    run = tmp_path / "step0"
-    shutil.copytree(tiny_run, run)
-    cfg = _read(run, "config.json")
-    (run / "config.json").write_text(json.dumps({**cfg, "summary": {"step": 0}}))
-    train = _doc(imm, str(run), "--no-run", "--no-speed", "--out", str(tmp_path / "o"))["runs"][0]["train"]
+    assert ep["needle"]["conditions"]["memory"]["exact_match"] == 0.75  # read, with a note: not the --facts file
+    assert any("measured on examples/facts.txt, not on --facts examples/heldout_facts.txt" in n for n in ep["notes"])
+    assert old_needle["needle"] is None and any("older than the run's weights" in n for n in old_needle["notes"])
     summary = _read(tiny_run, "config.json")["summary"]
+    train = no_summary["train"]
     assert (train["params"], train["memory_params"]) == (summary["params"], summary["memory_params"])
     assert train["step"] == 0 and train["val_loss"] is None
-
-
-def test_stale_json_is_not_read(imm, ep_run, tmp_path):
-    old = time.time() - 3600
-    os.utime(ep_run / "needle.json", (old, old))  # older than the weights: from an earlier training
-    r = imm("compare", str(ep_run), "--no-run", "--no-speed", "--out", str(tmp_path / "o"), "--json")
-    ep = json.loads(r.stdout)["runs"][0]
-    assert ep["needle"] is None and any("older than the run's weights" in n for n in ep["notes"])
-
-
-def test_needle_of_another_facts_file_is_noted(imm, ep_run, tmp_path):
-    doc = _doc(imm, str(ep_run), "--facts", "examples/heldout_facts.txt", "--no-run", "--no-speed", "--out", str(tmp_path / "o"))
-    ep = doc["runs"][0]
-    assert ep["needle"]["conditions"]["memory"]["exact_match"] == 0.75
-    assert any("measured on examples/facts.txt, not on --facts examples/heldout_facts.txt" in n for n in ep["notes"])
 
 
 def test_needle_is_run_where_missing(imm, tmp_path, monkeypatch):
