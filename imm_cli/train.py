@@ -104,7 +104,7 @@ class Batches:
         self.segments = segments
         self.episodes = cfg.batch_size // segments
         self.n_curriculum = int(round(cfg.curriculum * self.episodes)) if model_cfg.memory.enabled else 0
-        self.max_gap = max_gap  # unscored segments before an episode's last one (0: none)
+        self.max_gap = max_gap if segments >= 2 else 0
         self.gen = torch.Generator().manual_seed(seed)
         self.rng = random.Random(seed)
 
