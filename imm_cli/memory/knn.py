@@ -121,17 +121,19 @@ class KNNMemory(Memory):
                 self._record(read_attn=h.new_zeros(b, n, self.cfg.slots), gate=g.mean(-1))
             return h.new_zeros(b, n, self.n_embd)
         keys = state["keys"][:, :hi].transpose(1, 2)  # (b H hi dk)
-        values = self._split(state["values"][:, :hi])  # (b H hi dv)
-        q = F.normalize(self._split(self.q(h)), dim=-1)  # (b H n dk)
-        scores = (q @ keys.transpose(-1, -2)) * self.log_scale.exp()  # (b H n hi)
-        scores = scores.masked_fill(~valid[:, None, None, :hi], -math.inf)
+        q = F.normalize(self._split(self.q(h)), dim=-1) * self.log_scale.exp()  # (b H n dk)
+        scores = q @ keys.transpose(-1, -2)  # (b H n hi): scaled cosines
+        if not valid[:, :hi].all():
+            scores = scores.masked_fill(~valid[:, None, None, :hi], -math.inf)
         top, idx = scores.topk(min(self.cfg.topk or DEFAULT_TOPK, hi), dim=-1)  # (b H n k)
         found = torch.isfinite(top)
         # softmax over the retrieved entries; a query with fewer stored entries than k ignores the
         # missing ones (weight exactly 0), and a row with none reads exactly 0
         attn = torch.softmax(top.masked_fill(~found, torch.finfo(top.dtype).min), dim=-1) * found
-        dense = torch.zeros_like(scores).scatter(-1, idx, attn)  # (b H n hi)
-        m = dense @ values  # (b H n dv)
+        values = self._split(state["values"][:, :hi])  # (b H hi dv)
+        dv = values.shape[-1]
+        picked = values[:, :, None].expand(-1, -1, n, -1, -1).gather(3, idx[..., None].expand(-1, -1, -1, -1, dv))
+        m = (attn[..., None] * picked).sum(3)  # (b H n dv)
         read = self.out((m * g.transpose(1, 2)[..., None]).transpose(1, 2).reshape(b, n, -1))
         if self.observe:
             region = self.slot_of_entries(h.device)[idx]  # (b H n k)
