@@ -303,9 +303,8 @@ class StepTimer:
         self.model = GPT(model_cfg).to(device).train()
         self.opt = make_optimizer(self.model, train_cfg, device)
         segments = train_cfg.effective_segments(model_cfg.memory)
-        # gap segments as imm train draws them; none without memory (nothing carries across a gap there)
-        batched = self.model.episode_path(segments + train_cfg.max_gap, model_cfg.block_size) == "batched"
-        gap = train_cfg.max_gap if model_cfg.memory.enabled and batched else 0
+        # gap segments exactly as imm train draws them (Batches drops them for 1-segment episodes)
+        gap = train_cfg.max_gap if self.model.episode_path(segments + train_cfg.max_gap, model_cfg.block_size) == "batched" else 0
         self.batches = Batches(corpus, model_cfg, train_cfg, segments, train_cfg.seed, gap)  # as imm train makes them
         self.dist = distributed.Dist(device=device)
         self.loss = distributed.wrap(self.model, episode_loss, self.dist)
