@@ -170,31 +170,42 @@ def exact_matches(generated: list[bytes], rests: list[bytes]) -> list[bool]:
 
 
 @torch.no_grad()
-def recall_at_1(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes]) -> torch.Tensor:
+def recall_at_1(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes], rows: int = 1024) -> torch.Tensor:
     """Row i: is fact i's true rest the lowest-loss (per byte) rest among all facts' rests?
 
-    Each prompt is run once into a KV cache; the N candidate rests then continue from it.
+    Each prompt is run once into a KV cache; the N candidate rests then continue from it. Prompts go
+    in chunks of at most `rows` (prompt, candidate) pairs, so 128 facts need no 16,384-row memory state.
     """
-    N, P = prompts.shape
+    N = prompts.shape[0]
+    chunk = max(1, rows // N)
+    return torch.cat([_recall_at_1_rows(model, None if state is None else {k: v[i:i + chunk] for k, v in state.items()},
+                                        prompts[i:i + chunk], rests, i) for i in range(0, N, chunk)])
+
+
+def _recall_at_1_rows(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes], first: int) -> torch.Tensor:
+    """recall_at_1 for the prompts of facts first, first+1, ... (every fact's rest is a candidate)."""
+    C, P = prompts.shape
+    N = len(rests)
     R = max(len(r) for r in rests)
+    truth = torch.arange(first, first + C, device=prompts.device)
     if P + R - 1 > model.cfg.block_size:  # past the window: score every (prompt, rest) pair directly
-        losses = torch.stack([score_rests(model, state, prompts, [r] * N)["loss_per_byte"] for r in rests], dim=1)
-        return losses.argmin(dim=1) == torch.arange(N, device=losses.device)
-    cache = model.new_cache(N)
+        losses = torch.stack([score_rests(model, state, prompts, [r] * C)["loss_per_byte"] for r in rests], dim=1)
+        return losses.argmin(dim=1) == truth
+    cache = model.new_cache(C)
     last = model.decode(prompts, cache, state)[:, -1]  # predicts rest byte 0
     cache.repeat_interleave(N)
     rest_ids = torch.zeros((N, R), dtype=torch.long, device=prompts.device)
     lengths = torch.tensor([len(r) for r in rests], device=prompts.device)
     for j, r in enumerate(rests):
         rest_ids[j, : len(r)] = torch.tensor(list(r), dtype=torch.long)
-    cand = rest_ids.repeat(N, 1)  # row i*N + j: fact i's prompt, fact j's rest
+    cand = rest_ids.repeat(C, 1)  # row i*N + j: prompt i, fact j's rest
     big_prompts = prompts.repeat_interleave(N, dim=0)
     logits = model.decode(cand[:, :-1], cache, repeat_state(state, N), prev=big_prompts)
-    logits = torch.cat([last.repeat_interleave(N, dim=0)[:, None], logits], dim=1)  # (N*N, R, vocab)
+    logits = torch.cat([last.repeat_interleave(N, dim=0)[:, None], logits], dim=1)  # (C*N, R, vocab)
     nll = -torch.log_softmax(logits.float(), -1).gather(-1, cand[..., None]).squeeze(-1)
-    mask = torch.arange(R, device=prompts.device)[None, :] < lengths.repeat(N)[:, None]
-    loss = ((nll * mask).sum(1) / mask.sum(1)).view(N, N)
-    return loss.argmin(dim=1) == torch.arange(N, device=loss.device)
+    mask = torch.arange(R, device=prompts.device)[None, :] < lengths.repeat(C)[:, None]
+    loss = ((nll * mask).sum(1) / mask.sum(1)).view(C, N)
+    return loss.argmin(dim=1) == truth
 
 
 def encode_rests(facts: list[Fact]) -> list[bytes]:
