@@ -95,7 +95,8 @@ class DeltaMemory(Memory):
         k = F.normalize(self.k(h), dim=-1)
         beta = torch.sigmoid(self.beta(h)).squeeze(-1)
         W = state["W"][:, 0]
-        return {"W": delta_write(W, k.to(W.dtype), self.v(h).to(W.dtype), beta.to(W.dtype))[:, None]}
+        with torch.autocast(W.device.type, enabled=False):  # the solve in the state's precision (fp32), not bf16
+            return {"W": delta_write(W, k.to(W.dtype), self.v(h).to(W.dtype), beta.to(W.dtype))[:, None]}
 
     # --- what the experiments see --------------------------------------------------------------
     def probes(self, device=None) -> Tensor:
