@@ -62,14 +62,6 @@ class Ctx:
         p.symlink_to(self.tmp / "nowhere" / "at-all")
         return str(p)
 
-    def user_files(self, name: str, *files: str) -> str:
-        """A folder holding the user's own files, named like imm's outputs."""
-        p = self.tmp / name
-        p.mkdir(parents=True, exist_ok=True)
-        for f in files:
-            (p / f).write_text("the user's own file\n")
-        return str(p)
-
     @property
     def facts(self) -> str:
         return self.file("facts.txt", "Zorblat Quintus was born in 1872 in Lisbon.\nThe capital of Mars is Olympus City.\n")
@@ -355,7 +347,7 @@ for _cmd in RUN_COMMANDS:
         Case(f"{_cmd}:huge-model", lambda c, m=_cmd: _with_run(m, c, _config(c, _huge_model)), expect=("GiB",)),
         Case(f"{_cmd}:data-changed", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "data.sha256", "f" * 64))), expect=("sha256",)),
         Case(f"{_cmd}:data-gone", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train.data", str(c.tmp / "moved.txt"))))),
-        Case(f"{_cmd}:out-holds-user-files", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", c.user_files("mine", f"{m}.json")),
+        Case(f"{_cmd}:out-holds-user-files", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", c.dir("mine", f"{m}.json")),
              expect=(f"{_cmd}.json", "--force")),
         Case(f"{_cmd}:out-output-is-a-folder", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", str(Path(c.dir(f"o/{m}.json")).parent)),
              expect=(f"{_cmd}.json",)),
@@ -408,7 +400,7 @@ CASES += [
     Case("sweep:data-missing", lambda c: sweep(c, "--data", str(c.tmp / "nope.txt"))),
     Case("sweep:out-dangling-symlink", lambda c: sweep(c, out=c.dangling())),
     Case("sweep:out-a-file", lambda c: sweep(c, out=c.file("plain.txt", "x"))),
-    Case("sweep:out-holds-user-files", lambda c: sweep(c, out=c.user_files("mine", "optimal_config_results.png")), expect=("--force",)),
+    Case("sweep:out-holds-user-files", lambda c: sweep(c, out=c.dir("mine", "optimal_config_results.png")), expect=("--force",)),
     Case("sweep:seed-negative", lambda c: sweep(c, "--seed", "-1")),
     Case("sweep:device-tpu", lambda c: sweep(c, "--device", "tpu")),
     Case("sweep:huge-model", lambda c: sweep(c, "--layers", "64", "--heads", "64", "--embd", "8192"), expect=("GiB",)),

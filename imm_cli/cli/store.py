@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
@@ -42,6 +43,23 @@ def check_out(run: Path, out: Optional[Path], command: str, names: tuple[str, ..
     check_out_folder(out, flag)
     check_outputs(out, names, command, force, flag)
     return out
+
+
+@contextmanager
+def open_with_facts(run: Path, facts: Path, out: Optional[Path], command: str, names: tuple[str, ...], force: bool,
+                    device: str, seed: int):
+    """What recall and needle do first: check the seed, the run, the output folder and the facts file
+    before any work; then, holding the output folder, open the run and its facts.
+    Yields (output folder, model, held-out text, facts)."""
+    from imm_cli.experiments.setup import open_facts, open_run
+    from imm_cli.facts import load_facts
+
+    check_seed(seed)
+    out_dir = check_out(run, out, command, names, force)
+    load_facts(facts)  # the file and its lines (whether they fit the model: open_facts)
+    with holding(out_dir):
+        model, _, text = open_run(run, device)
+        yield out_dir, model, text, open_facts(facts, model)
 
 
 def save_results(doc: dict, name: str, out: Path, plot, command: str, names: tuple[str, ...]) -> dict:
