@@ -251,6 +251,14 @@ class GPT(nn.Module):
                 h_mem = h
         return self.lm_head(self.ln_f(x)), h_mem
 
+    def _defaults(self, idx: Tensor, prev: Tensor | None, state: State | None) -> tuple[Tensor, State | None]:
+        """No bytes before idx, and a fresh memory, unless given."""
+        if prev is None:
+            prev = idx.new_zeros((idx.shape[0], 0))
+        if state is None and self.memory is not None:
+            state = self.init_state(idx.shape[0], idx.device)
+        return prev, state
+
     def _reads(self) -> bool:
         return self.memory is not None and not self.memory.ablated
 
@@ -270,11 +278,8 @@ class GPT(nn.Module):
         its per-byte loss as the surprise; the new state is returned for the next segment.
         """
         b, n = idx.shape
-        if prev is None:
-            prev = idx.new_zeros((b, 0))
+        prev, state = self._defaults(idx, prev, state)
         mem = self.memory
-        if state is None and mem is not None:
-            state = self.init_state(b, idx.device)
         write_targets = targets
         if write_targets is None:  # positions whose next byte is in idx are still worth writing
             write_targets = torch.cat([idx[:, 1:], idx.new_full((b, 1), -1)], dim=1)
@@ -350,11 +355,8 @@ class GPT(nn.Module):
         prev: every byte of the stream before idx (the memory's keys look back across the window's start).
         """
         b, n = idx.shape
-        if prev is None:
-            prev = idx.new_zeros((b, 0))
+        prev, state = self._defaults(idx, prev, state)
         mem = self.memory
-        if state is None and mem is not None:
-            state = self.init_state(b, idx.device)
         seg = Segment(ids=idx, prev=prev, targets=idx.new_full((b, n), -1))
         read = (lambda h: mem.read_step(h, seg, state, cache.memory)) if self._reads() else None
         return self._trunk(idx, cache.t, read, cache.kv)[0]

@@ -75,25 +75,33 @@ def _model_line(result: dict) -> str:
     return f"{m.get('memory', '?')} memory, {m['slots']} slots{size}"
 
 
-def plot_capacity(result: dict, path: Path) -> None:
-    """The document measurement: N facts spread through one text, one memory, each cued afterwards."""
-    cap = result["capacity"]
+# each needle curve: its x key, its conditions (the memory and its controls) and its axis and title
+CURVES = {
+    "capacity": ("n_facts", {"memory": "memory (the document)", "fresh": "fresh memory",
+                             "text_only": "memory of the text without its facts"},
+                 "facts in one document ({spacing} bytes of text per fact, {placement} placement)",
+                 "Capacity: recall of each of N facts written into one memory"),
+    "distance": ("lengths", {"memory": "memory (fact written first)", "fresh": "fresh memory",
+                             "other_facts": "another fact's memory"},
+                 "haystack length in bytes, the fact at its start ({placement} placement)",
+                 "Distance: recall of a fact read long before its cue"),
+}
+
+
+def plot_curve(result: dict, name: str, path: Path) -> None:
+    """One needle curve (CURVES) with its controls in the same axes."""
+    x, conds, xlabel, what = CURVES[name]
+    curve = result[name]
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    _curves(ax, cap["n_facts"], cap, {"memory": "memory (the document)", "fresh": "fresh memory",
-                                      "text_only": "memory of the text without its facts"})
-    ax.set_xlabel(f"facts in one document ({cap['spacing']} bytes of text per fact, {cap['placement']} placement)")
-    ax.set_title(f"Capacity: recall of each of N facts written into one memory\n({_model_line(result)}; "
-                 f"{result['settings']['facts']} facts given)", fontsize=10)
+    _curves(ax, curve[x], curve, conds)
+    ax.set_xlabel(xlabel.format(**curve) if "spacing" in curve or "{spacing}" not in xlabel else xlabel)
+    ax.set_title(f"{what}\n({_model_line(result)}; {result['settings']['facts']} facts given)", fontsize=10)
     save_figure(fig, path)
+
+
+def plot_capacity(result: dict, path: Path) -> None:
+    plot_curve(result, "capacity", path)
 
 
 def plot_distance(result: dict, path: Path) -> None:
-    """The fact at depth 0 of haystacks of growing length: recall against the bytes written after it."""
-    d = result["distance"]
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    _curves(ax, d["lengths"], d, {"memory": "memory (fact written first)", "fresh": "fresh memory",
-                                  "other_facts": "another fact's memory"})
-    ax.set_xlabel(f"haystack length in bytes, the fact at its start ({d['placement']} placement)")
-    ax.set_title(f"Distance: recall of a fact read long before its cue\n({_model_line(result)}; "
-                 f"{result['settings']['facts']} facts)", fontsize=10)
-    save_figure(fig, path)
+    plot_curve(result, "distance", path)
