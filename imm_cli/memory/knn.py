@@ -1,12 +1,12 @@
 """KNNMemory: Memorizing Transformers (Wu, Rabe, Hutchins and Szegedy, ICLR 2022), small and faithful.
 
 The paper gives one layer an external memory of the (key, value) pairs its attention computed on
-earlier segments, and lets each query attend to the k stored keys that match it best. Per head,
-with h_i the layer's hidden state at position i:
+earlier segments, and lets each query attend to the k stored keys that match it best. Per head
+(H = 4 here), with h_i the layer's hidden state at position i:
 
   write (after a segment, every position i):   k_i = W_k h_i / |W_k h_i|,   v_i = W_v h_i
       appended to a FIFO memory of at most `size` entries (the oldest entries are dropped first);
-      stored with no gradient ("we do not backpropagate into the external memory", section 3).
+      stored with no gradient (the paper does not backpropagate into the external memory).
   read (every position of the next segments):   q = W_q h / |W_q h|
       s_j = exp(tau) * q . k_j                    for the top-k stored keys j (k = `topk`; 0 = 32)
       a_j = softmax_j(s_j),   m = sum_j a_j v_j   (the memory attention's output)
@@ -31,7 +31,7 @@ order of stored entries (ties in the top-k aside): eviction follows each entry's
 
 State (one row per sequence, M = `size`):
   keys   (b M H dk)  unit keys per head (zeros where empty)
-  values (b M d)     values, the heads' dv = d / H channels side by side
+  values (b M dv)    values, the heads' dv / H channels side by side (dv = --memory-value-dim or d)
   age    (b M)       stream position of the entry's byte (0, 1, 2, ... per sequence); -1 = empty
   count  (b)         positions written so far
 Slots: the buffer is cut into `slots` equal regions of entry indices (as the episodic memory's);
@@ -51,7 +51,7 @@ from imm_cli.config import MemoryConfig
 from imm_cli.memory.base import Memory, Segment, State
 
 HEADS = 4  # memory attention heads (fewer where key_dim or the value width is not divisible by 4)
-DEFAULT_TOPK = 32  # stored entries each query reads when --memory-topk is 0 (the paper's k is 32)
+DEFAULT_TOPK = 32  # stored entries each query reads when --memory-topk is 0 (the paper's experiments use 32)
 
 
 def heads_for(*widths: int) -> int:
