@@ -23,8 +23,7 @@ so a fresh memory, W = 0, reads exactly zero).
 
 Writing a segment of n positions is the sequential recurrence above, computed exactly in one step
 with the chunk form DeltaNet trains with (one chunk = the segment): W_n = W_0 + U^T K, where the rows
-u_t = beta_t (v_t - W_{t-1} k_t) solve
-the unit lower-triangular system
+u_t = beta_t (v_t - W_{t-1} k_t) solve the unit lower-triangular system
   u_t + beta_t sum_{i<t} (k_t . k_i) u_i = beta_t (v_t - W_0 k_t).
 Writes are differentiable: within an episode the loss backpropagates through W into W_k, W_v and
 w_beta (the training loop carries the state across segments).
