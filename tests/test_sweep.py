@@ -76,14 +76,15 @@ def test_stopped_sweep_goes_on_where_it_stopped(imm, tmp_path):
     assert len(_lines(out)) == 2
 
 
-def test_facts_that_do_not_fit_make_needle_null_with_a_note(imm, tmp_path, monkeypatch):
+def test_a_point_that_cannot_be_measured_gets_null_figures_with_a_note(imm, tmp_path, monkeypatch):
+    """A point without memory (--slots 0) trains, and its store/usage/needle figures are null, each with a note."""
     monkeypatch.setenv("COLUMNS", "200")
     out = tmp_path / "sw"
-    r = imm("sweep", "--block-size", "32", "--slots", "4", *SMALL, "--out", str(out))
+    r = imm("sweep", "--block-size", "32", "--slots", "0", *SMALL, "--out", str(out))
     assert r.code == 0, r.stderr
     (ln,) = _lines(out)
     assert ln["figures"]["needle_recall_at_1"] is None and isinstance(ln["figures"]["val_loss"], float)
-    assert any(n.startswith("needle:") and "bytes" in n for n in ln["notes"])
+    assert {n.split(":")[0] for n in ln["notes"]} == {"store", "usage", "needle"}
     assert "needle:" in r.stderr
 
 
