@@ -210,9 +210,11 @@ def flag_values(model: ModelConfig, train: TrainConfig) -> dict:
 
 
 # fields that configs written before they existed may lack, with the value that means the old behaviour
-# (value_dim: full-width values; topk 0: the dense read they were trained with; span 1: retention by a
-# byte's own surprise; size: see model_config_from_dict)
-LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "topk": 0, "span": 1, "size": None}}
+LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0}}
+# what runs from before the entry budget mean, for experiments only (a resume refuses them: training
+# would continue under another memory): the dense read they were trained with, retention by a byte's
+# own surprise, and the same capacity as their slots x block entries (size None: computed below)
+OLD_MEMORY = {"topk": 0, "span": 1, "size": None}
 
 
 def model_config_from_dict(d: dict, strict: bool = False) -> ModelConfig:
@@ -221,8 +223,8 @@ def model_config_from_dict(d: dict, strict: bool = False) -> ModelConfig:
     d = dict(d)
     if strict and "memory" not in d:
         raise InputError("model.memory is missing")
-    mem_d = {**LEGACY_DEFAULTS.get(MemoryConfig, {}), **dict(d.pop("memory", {}))}
-    if mem_d["size"] is None:  # before the entry budget: the same capacity as slots x block entries
+    mem_d = {**LEGACY_DEFAULTS.get(MemoryConfig, {}), **({} if strict else OLD_MEMORY), **dict(d.pop("memory", {}))}
+    if mem_d.get("size", 0) is None:  # before the entry budget: the same capacity as slots x block entries
         mem_d["size"] = max(1, int(mem_d.get("slots", MemoryConfig.slots))) * int(d.get("block_size", ModelConfig.block_size))
     mem = MemoryConfig(**_known(MemoryConfig, mem_d, "model.memory", strict))
     return ModelConfig(**_known(ModelConfig, d, "model", strict), memory=mem).check()
