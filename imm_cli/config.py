@@ -13,7 +13,15 @@ from imm_cli.errors import InputError
 
 FORMAT_VERSION = 1  # bumped whenever config.json or the weight names change incompatibly
 
-MEMORY_KINDS = ("episodic", "linformer", "knn", "delta")
+# The registry of memories: kind -> "module:Class". Adding a memory is its own file in imm_cli/memory/
+# and one line here (the flags, the property tests and the experiments take it from this table).
+MEMORIES = {
+    "episodic": "imm_cli.memory.episodic:EpisodicMemory",
+    "linformer": "imm_cli.memory.linformer:LinformerMemory",
+    "knn": "imm_cli.memory.knn:KNNMemory",
+    "delta": "imm_cli.memory.delta:DeltaMemory",
+}
+MEMORY_KINDS = tuple(MEMORIES)
 MEMORY_NORMS = ("layer", "l2")
 
 

@@ -15,10 +15,10 @@ from typer.testing import CliRunner
 from conftest import TINY
 from imm_cli import runs
 from imm_cli.cli.app import app
-from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig
+from imm_cli.config import MEMORY_KINDS, MemoryConfig, ModelConfig, TrainConfig
 from imm_cli.model import GPT
 
-KINDS = ["episodic", "linformer", "knn", "delta"]
+KINDS = list(MEMORY_KINDS)  # every registered memory (config.MEMORIES)
 
 
 def tiny_model(kind: str = "episodic", slots: int = 4, seed: int = 0, **memory) -> GPT:

@@ -1,19 +1,19 @@
-"""Memories a block can host. Adding one: its own file, one line in KINDS (and its name in
-config.MEMORY_KINDS, which the flags check against); the model does not change."""
+"""Memories a block can host, built from the registry `config.MEMORIES` (kind -> "module:Class").
+Adding one: its own file here and one line in that table; the model does not change."""
 
-from imm_cli.config import MemoryConfig
+import importlib
+
+from imm_cli.config import MEMORIES, MemoryConfig
 from imm_cli.memory.base import PAD, Memory, Segment, State
-from imm_cli.memory.delta import DeltaMemory
-from imm_cli.memory.episodic import EpisodicMemory
-from imm_cli.memory.knn import KNNMemory
-from imm_cli.memory.linformer import LinformerMemory
 
-KINDS: dict[str, type[Memory]] = {
-    "episodic": EpisodicMemory,
-    "linformer": LinformerMemory,
-    "knn": KNNMemory,
-    "delta": DeltaMemory,
-}
+
+def _load(path: str) -> type[Memory]:
+    module, name = path.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+KINDS: dict[str, type[Memory]] = {kind: _load(path) for kind, path in MEMORIES.items()}
+EpisodicMemory, LinformerMemory = KINDS["episodic"], KINDS["linformer"]
 
 
 def build_memory(cfg: MemoryConfig, n_embd: int, bias: bool = False, block_size: int = 128) -> Memory:
