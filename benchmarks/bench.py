@@ -74,9 +74,7 @@ class Trainer:
         self.model = GPT(self.mcfg).train()
         self.opt = make_optimizer(self.model, self.tcfg, torch.device("cpu"))
         self.segments = self.tcfg.effective_segments(memory)
-        # gap segments as imm_cli.train draws them (where the memory reads them in the batched episode)
-        gap_ok = self.model.episode_path(self.segments + self.tcfg.max_gap, self.mcfg.block_size) == "batched"
-        self.batches = Batches(corpus, self.mcfg, self.tcfg, self.segments, seed, self.tcfg.max_gap if gap_ok else 0)
+        self.batches = Batches.for_model(corpus, self.model, self.tcfg, self.segments, seed)  # gap segments as imm train draws them
         self.step_no = 0
 
     def step(self) -> float:

@@ -108,6 +108,13 @@ class Batches:
         self.gen = torch.Generator().manual_seed(seed)
         self.rng = random.Random(seed)
 
+    @classmethod
+    def for_model(cls, corpus: Corpus, model: GPT, cfg: TrainConfig, segments: int, seed: int) -> "Batches":
+        """The batches `imm train` draws for this model: gap segments only where the memory reads them
+        in the batched episode (the loop would run the transformer over every gap segment)."""
+        batched = model.episode_path(segments + cfg.max_gap, model.cfg.block_size) == "batched"
+        return cls(corpus, model.cfg, cfg, segments, seed, cfg.max_gap if batched else 0)
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor, int]:
         """x, y (episodes, segments + gap, block) and the gap: half the steps none, else 1..max_gap
         segments of text between the episode's first segments (where curriculum facts are written)
@@ -339,10 +346,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, em
     torch.manual_seed(cfg.seed)
     model = GPT(model_cfg).to(device)
     optimizer = make_optimizer(model, cfg, device)
-    # gap segments only where the memory reads them in the batched episode (the loop would run the
-    # transformer over every gap segment); the global batch: each process keeps its share
-    max_gap = cfg.max_gap if model.episode_path(segments + cfg.max_gap, model_cfg.block_size) == "batched" else 0
-    batches = Batches(corpus, model_cfg, cfg, segments, cfg.seed, max_gap)
+    batches = Batches.for_model(corpus, model, cfg, segments, cfg.seed)  # the global batch: each process keeps its share
     if batches.episodes % dist.world:
         raise InputError(f"--batch-size {cfg.batch_size} holds {batches.episodes} episodes of {segments} segments, "
                          f"not divisible among {dist.world} processes")
@@ -355,7 +359,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, em
     emit({"type": "start", "params": total, "memory_params": mem, "step": step, "device": str(device),
           "processes": dist.world, "precision": precision_of(device), "compile": cfg.compile,
           "segments": segments, "episodes": batches.episodes, "curriculum_episodes": batches.n_curriculum,
-          "max_gap": max_gap, "episode_path": model.episode_path(segments, model_cfg.block_size)})
+          "max_gap": batches.max_gap, "episode_path": model.episode_path(segments, model_cfg.block_size)})
     ckpt = Checkpoint(out, model, optimizer, batches, model_cfg, cfg, data_id, dist.main, step)
     stop = StopRequest()
     tokens_per_step = cfg.batch_size * model_cfg.block_size

@@ -303,9 +303,7 @@ class StepTimer:
         self.model = GPT(model_cfg).to(device).train()
         self.opt = make_optimizer(self.model, train_cfg, device)
         segments = train_cfg.effective_segments(model_cfg.memory)
-        # gap segments exactly as imm train draws them (Batches drops them for 1-segment episodes)
-        gap = train_cfg.max_gap if self.model.episode_path(segments + train_cfg.max_gap, model_cfg.block_size) == "batched" else 0
-        self.batches = Batches(corpus, model_cfg, train_cfg, segments, train_cfg.seed, gap)  # as imm train makes them
+        self.batches = Batches.for_model(corpus, self.model, train_cfg, segments, train_cfg.seed)  # as imm train draws them
         self.dist = distributed.Dist(device=device)
         self.loss = distributed.wrap(self.model, episode_loss, self.dist)
         self.guard = SimpleNamespace(main=False, out=None, step=0)  # what the NaN guard reads of a checkpoint: writes nothing
