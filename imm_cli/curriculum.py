@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from imm_cli.errors import InputError
-from imm_cli.facts import Fact
+from imm_cli.facts import MID_LINE, Fact
 
 # ----------------------------------------------------------------------------- inventory
 
@@ -185,7 +185,6 @@ class CurriculumEpisode:
 
 PLACEMENTS = ("line", "prose")  # a fact (or a cue) on its own line, or inside a line of running text
 _LINE_START = re.compile(rb"\n")
-_MID_LINE = re.compile(rb"[^\s] ")
 
 
 def _splice(chunk: bytes, items: list[bytes], placements: list[str], rng: random.Random,
@@ -197,7 +196,7 @@ def _splice(chunk: bytes, items: list[bytes], placements: list[str], rng: random
     head = chunk[:span]
     cands = {  # "prose": after a space that follows a word, so the item never starts its line
         "line": [m.end() for m in _LINE_START.finditer(head)],
-        "prose": [m.end() for m in _MID_LINE.finditer(head)],
+        "prose": [m.end() for m in MID_LINE.finditer(head)],
     }
     points = [rng.choice(cands[p]) if cands[p] else 0 for p in placements]
     order = sorted(range(len(items)), key=lambda i: points[i])

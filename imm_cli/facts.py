@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 
 from imm_cli.data import read_text_file
 from imm_cli.errors import InputError
+
+# a space that follows a word: what comes after it sits inside a line of running text (the "prose"
+# placement of a fact or a cue, for the curriculum and the experiments alike)
+MID_LINE = re.compile(rb"[^\s] ")
 
 CUE_WORDS = 2
 

@@ -275,3 +275,18 @@ def test_facts_too_long_for_the_model_are_refused(tiny_runs, tmp_path):
     facts.write_text("Zorvak Tennel " + "x" * 200 + ".\nAnother fact is here.\n")
     r = runner.invoke(app, ["needle", "--run", str(tiny_runs["episodic"]), "--facts", str(facts)])
     assert r.exit_code == 2 and "bytes" in r.output
+
+
+def test_prose_prompt_has_its_length_when_no_line_is_long_enough():
+    """Text of short lines has no 16-byte stretch inside a line: the prose prompt falls back to filler
+    of exactly the asked length (the prompts of a batch must be equally long)."""
+    import random
+
+    import numpy as np
+
+    from imm_cli.facts import Fact
+
+    text = np.frombuffer(b"short\n" * 500, dtype=np.uint8)
+    for length in (20, 64, 90):
+        p = probe.cue_prompt(text, Fact.from_text("Zorvak Tennel was born."), length, random.Random(1), placement="prose")
+        assert len(p) == length and p.endswith(b" Zorvak Tennel") and b"\n" not in p[-30:]

@@ -7,14 +7,13 @@ instance), so an experiment over 16 facts costs a handful of forward passes, not
 from __future__ import annotations
 
 import random
-import re
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from imm_cli.data import encode
-from imm_cli.facts import Fact
+from imm_cli.facts import MID_LINE, Fact
 from imm_cli.memory import State
 from imm_cli.model import GPT
 
@@ -79,7 +78,7 @@ def haystack(text: np.ndarray, fact: Fact | None, length: int, depth: float, rng
             nl = filler.rfind(b"\n", 0, at)
             at = nl + 1 if nl >= 0 else at
     else:  # after a space that follows a word: other words precede the fact on its line
-        spaces = [m.end() for m in re.finditer(rb"[^\s] ", filler)]
+        spaces = [m.end() for m in MID_LINE.finditer(filler)]
         if spaces:
             at = min(spaces, key=lambda p: abs(p - at))
         else:
@@ -91,12 +90,13 @@ def _mid_line(text: np.ndarray, k: int, rng: random.Random) -> bytes:
     """k bytes of real text that end inside a line, just after a word and a space (>= 16 bytes of its line)."""
     for _ in range(200):
         w = text_window(text, k + 80, rng)
-        ends = [m.end() for m in re.finditer(rb"[^\s] ", w) if m.end() >= k and b"\n" not in w[m.end() - 16:m.end()]]
+        ends = [m.end() for m in MID_LINE.finditer(w) if m.end() >= k and b"\n" not in w[m.end() - 16:m.end()]]
         if ends:
             e = ends[0]
             return w[e - k:e]
-    w = text_window(text, k, rng)
-    return w[:-16].ljust(k - 16) + b" and then said " if k >= 16 else b" " * k
+    if k < 16:
+        return b" " * k
+    return text_window(text, k, rng)[:k - 16].replace(b"\n", b" ") + b" and so he said "  # 16 bytes
 
 
 def cue_prompt(text: np.ndarray, fact: Fact, length: int, rng: random.Random, before: bytes = b"",
