@@ -40,7 +40,7 @@ class MemoryConfig:
     norm: str = "layer"  # linformer: state normalisation after each write, "layer" or "l2"
     size: int = 4096  # episodic, knn: the memory's budget in entries (one entry per written position; knn drops the oldest)
     topk: int = 4  # episodic, knn: stored entries each query reads, the best-matching ones; 0 = all (episodic), 32 (knn)
-    span: int = 64  # episodic: retention scores a byte by the mean surprise of the span of bytes around it (1 = its own)
+    span: int = 64  # episodic: retention scores a byte by the mean surprise of it and span // 2 bytes each side (1 = its own)
     entries: int = 0  # episodic: positions one write offers at most, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
     key_dim: int = 64  # episodic, knn, delta: width of keys and queries (knn: over all its heads)

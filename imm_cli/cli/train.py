@@ -49,7 +49,7 @@ def train(
     memory_temp: Optional[float] = typer.Option(None, help="Read temperature of the cosine attention [default: 0.8 linformer, 0.05 episodic (learned from there)]."),
     memory_size: int = typer.Option(MM.size, help="Episodic memory: the budget in entries (one per stored position); when full, the least surprising entries go first."),
     memory_topk: int = typer.Option(MM.topk, help="Episodic memory: stored entries each position reads, the best-matching ones; 0 = all (dilutes as the memory grows)."),
-    memory_span: int = typer.Option(MM.span, help="Episodic memory: retention scores a byte by the mean surprise of this many bytes around it (1 = its own loss)."),
+    memory_span: int = typer.Option(MM.span, help="Episodic memory: retention scores a byte by the mean surprise of it and span//2 bytes on each side (1 = its own loss)."),
     memory_entries: int = typer.Option(MM.entries, help="Episodic memory: positions one write offers at most, most surprising first; 0 = every position."),
     memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),
     memory_key_dim: int = typer.Option(MM.key_dim, help="Episodic memory: width of keys and queries."),

@@ -5,7 +5,7 @@ to `entries` of its positions (all by default), most surprising first:
   key   = the `key_bytes` bytes ending at position i, as a learned n-gram embedding (unit vector);
   value = the byte that followed position i (stored as its id, read through a learned embedding);
   score = how surprising the span around position i was when it was written: the mean of the
-          model's per-byte loss over the `span` positions centred on i (within the segment), for
+          model's per-byte loss over i and the span // 2 positions on each side (within the segment), for
           a byte the model missed (loss > ln 2, i.e. it was not sure of it); a byte it predicted
           with p > 1/2 keeps its own, low, loss: it needs no entry, the model produces it itself.
 Retention is per entry: an offered entry replaces the lowest-scored stored entry when it scores
