@@ -143,6 +143,20 @@ def test_run_saved_before_value_dim_loads_with_full_width_values(tmp_path):
     assert torch.equal(model(x, y).logits, loaded(x, y).logits)
 
 
+def test_run_saved_before_the_sharp_read_loads_without_it(tmp_path):
+    """config.json files written before `sharp` existed mean the learned-temperature read alone."""
+    model = tiny_model("episodic", slots=4, sharp=0.0)
+    runs.save_weights(tmp_path, model, step=1)
+    runs.save_config(tmp_path, model.cfg, TrainConfig())
+    doc = json.loads((tmp_path / runs.CONFIG).read_text())
+    del doc["model"]["memory"]["sharp"]
+    (tmp_path / runs.CONFIG).write_text(json.dumps(doc))
+    loaded, _ = runs.load_run(tmp_path)
+    assert loaded.cfg.memory.sharp == 0.0
+    x, y = batch()
+    assert torch.equal(model(x, y).logits, loaded(x, y).logits)
+
+
 # --- generation ------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", KINDS)
 def test_cached_generation_equals_uncached(kind):

@@ -44,9 +44,9 @@ def write(mem: EpisodicMemory, state, text: str, surprise):
 
 
 def recalled(mem: EpisodicMemory, state, cue: str) -> tuple[int, float]:
-    """The byte the memory offers after the cue's last position, and the attention mass on it."""
+    """The byte the memory's learned-temperature read offers after the cue's last position, and the attention mass on it."""
     per_byte, _ = mem.lookup(segment(cue), state)
-    last = per_byte[0, -1]
+    last = per_byte[0, -1, 0]
     return int(last.argmax()), float(last.max().detach())
 
 
@@ -145,6 +145,30 @@ def test_topk_read_stays_sharp_among_many_entries():
         out[k] = recalled(mem, state, "yyZorv")
     assert out[4][0] == ord("a") and out[4][1] > 0.5
     assert out[0][1] < out[4][1]
+
+
+def test_sharp_read_prefers_the_exact_context_to_near_misses():
+    """Three stored contexts share 3 of the cue's 4 key bytes and carry "R"; one matches exactly and
+    carries "Q". The learned-temperature read (1/20 at initialisation) gives the near-misses a
+    real share; the sharp read (1/48) puts nearly all its mass on the exact match."""
+    torch.manual_seed(0)
+    mem = EpisodicMemory(MemoryConfig(slots=1, key_bytes=4, key_dim=64, local=False, size=64, sharp=48.0),
+                         n_embd=16, block_size=32)
+    state = write(mem, mem.init_state(1), "1abcR.2abcR.3abcR.zabcQ.", surprise=2.0)
+    per_byte, _ = mem.lookup(segment("..zabc"), state)
+    soft, sharp = per_byte[0, -1, 0].detach(), per_byte[0, -1, 1].detach()
+    share = {name: float(p[ord("Q")] / p.sum()) for name, p in (("soft", soft), ("sharp", sharp))}
+    assert share["sharp"] > 0.9 and share["soft"] < share["sharp"] - 0.1, share
+
+
+def test_sharp_channel_off_is_the_single_learned_read():
+    """sharp 0: no second projection or "nothing" level, and the read is the learned channel alone."""
+    cfg = MemoryConfig(slots=1, key_bytes=4, key_dim=64, size=64, sharp=0.0)
+    mem = EpisodicMemory(cfg, n_embd=16, block_size=32)
+    assert not hasattr(mem, "sharp_out") and not hasattr(mem, "sharp_null")
+    state = write(mem, mem.init_state(1), "zabcQ.", surprise=2.0)
+    per_byte, _ = mem.lookup(segment("..zabc"), state)
+    assert per_byte.shape[2] == 1
 
 
 def test_metrics_on_hand_made_cases():

@@ -50,6 +50,7 @@ def train(
     memory_size: int = typer.Option(MM.size, help="Episodic memory: the budget in entries (one per stored position); when full, the least surprising entries go first."),
     memory_topk: int = typer.Option(MM.topk, help="Episodic memory: stored entries each position reads, the best-matching ones; 0 = all (dilutes as the memory grows)."),
     memory_span: int = typer.Option(MM.span, help="Episodic memory: retention scores a byte by the mean surprise of it and span//2 bytes on each side (1 = its own loss)."),
+    memory_sharp: float = typer.Option(MM.sharp, help="Episodic memory: fixed 1/temperature of a second, sharp read of the same entries (near-exact contexts only); 0 = the learned-temperature read alone."),
     memory_entries: int = typer.Option(MM.entries, help="Episodic memory: positions one write offers at most, most surprising first; 0 = every position."),
     memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),
     memory_key_dim: int = typer.Option(MM.key_dim, help="Episodic memory: width of keys and queries."),
