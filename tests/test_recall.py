@@ -120,6 +120,22 @@ def test_retained_entries_stay_where_they_are():
     assert state["born"][0][state["score"][0] == 1.0].eq(1).all()
 
 
+def test_entries_fill_the_buffer_from_its_start_and_reads_stop_at_the_last():
+    """Writes take the empty entries lowest index first, so a partly filled memory is a prefix of
+    its buffer; a read of it equals the read of the same entries in a buffer cut to that prefix."""
+    mem = memory(size=256, local=False)
+    state = mem.init_state(1)
+    for i, text in enumerate(("Aaaa bbbb 1111.", "Cccc dddd 2222.", "Eeee ffff 3333.")):
+        state = write(mem, state, text, surprise=1.0 + i)
+        valid = torch.isfinite(state["score"][0])
+        n = int(valid.sum())
+        assert n == 14 * (i + 1) and valid[:n].all() and not valid[n:].any()
+    cut = {k: (v[:, :n] if v.dim() > 1 else v) for k, v in state.items()}
+    a, _ = mem.lookup(segment("xx Cccc dd"), state)
+    b, _ = mem.lookup(segment("xx Cccc dd"), cut)
+    assert torch.allclose(a, b)
+
+
 def test_entries_keep_the_most_surprising_positions():
     mem = EpisodicMemory(MemoryConfig(slots=1, key_bytes=4, entries=3, local=False, size=8), n_embd=16, block_size=16)
     seg = segment("abcdefgh")

@@ -162,6 +162,10 @@ class EpisodicMemory(Memory):
         gradient then flows through k entries per query, not through a dense (b n M) score matrix.
         """
         keys, valid = state["keys"], torch.isfinite(state["score"])
+        # only up to the last stored entry: writes fill the buffer from index 0 (see _write), so a
+        # memory holding 512 entries of a 16,384 budget costs a read over 512
+        end = int((valid * torch.arange(1, valid.shape[1] + 1, device=valid.device)).amax()) if valid.numel() else 0
+        keys, valid = keys[:, :end], valid[:, :end]
         b, M, dk = keys.shape
         k = min(self.cfg.topk or M, M)
         if k == 0:  # nothing stored yet (the first segment of a whole-episode read)
@@ -329,7 +333,12 @@ class EpisodicMemory(Memory):
         new_keys = self.context_keys(seg).gather(1, pos[..., None].expand(-1, -1, dk))
         new_bytes = seg.targets.gather(1, pos)
         old_score = state["score"] * self.cfg.decay  # -inf (empty) stays -inf
-        low_score, slot = old_score.topk(k, dim=1, largest=False)  # (b k) the weakest stored, weakest first
+        # (b k) the weakest stored, weakest first; empty ones before all, lowest index first, so the
+        # stored entries always fill the buffer from index 0 and a read can stop at the last one
+        order = torch.arange(M, device=old_score.device) - M
+        rank = torch.where(torch.isfinite(old_score), old_score, order * 1e30)
+        slot = rank.topk(k, dim=1, largest=False).indices
+        low_score = old_score.gather(1, slot)
         # the i-th strongest offer replaces the i-th weakest stored entry while it scores higher:
         # afterwards the memory holds the `size` best of old and offered entries, positions stable
         take = new_score > low_score
