@@ -136,7 +136,8 @@ def bench_read_cost(sizes: tuple[int, ...], reps: int) -> dict:
     one = Segment(ids=ids[:, 127:128], prev=ids[:, :127], targets=ids[:, 128:])
     h = torch.randn(1, 128, 128, generator=g)
     out = {"sizes": list(sizes), "segment_read_us_per_byte": {}, "decode_read_us_per_byte": {}, "write_us_per_byte": []}
-    for topk in (8, 0):
+    torch.set_grad_enabled(False)  # reads at inference (generation, experiments)
+    for topk in (MemoryConfig.topk, 0):  # the default top-k read, and the dense read
         seg_t, dec_t = [], []
         for M in sizes:
             mem = EpisodicMemory(MemoryConfig(size=M, topk=topk), 128).eval()
@@ -162,8 +163,10 @@ def bench_read_cost(sizes: tuple[int, ...], reps: int) -> dict:
             dec_t.append(1e6 * timed(step))
             if topk:
                 out["write_us_per_byte"].append(1e6 * timed(lambda: mem.write(h, seg, state, torch.rand(1, 128))) / 128)
-        out["segment_read_us_per_byte"][f"top{topk}" if topk else "dense"] = seg_t
-        out["decode_read_us_per_byte"][f"top{topk}" if topk else "dense"] = dec_t
+        out["segment_read_us_per_byte"]["topk" if topk else "dense"] = seg_t
+        out["decode_read_us_per_byte"]["topk" if topk else "dense"] = dec_t
+    torch.set_grad_enabled(True)
+    out["topk"] = MemoryConfig.topk
     return out
 
 
@@ -176,7 +179,7 @@ def plot_read_cost(rc: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for i, (name, label) in enumerate((("segment_read_us_per_byte", "segment read (128 bytes at once)"),
                                        ("decode_read_us_per_byte", "decoding read (one byte)"))):
-        for how, ls in (("top8", "-"), ("dense", "--")):
+        for how, ls in (("topk", "-"), ("dense", "--")):
             ax.plot(rc["sizes"], rc[name][how], ls, marker="o", color=f"C{i}", label=f"{label}, {how}")
     ax.plot(rc["sizes"], rc["write_us_per_byte"], ":", marker="s", color="C2", label="write with retention (per byte)")
     ax.set_xscale("log", base=2)
@@ -184,7 +187,7 @@ def plot_read_cost(rc: dict, path: Path) -> None:
     ax.set_xticks(rc["sizes"], [f"{m:,}" for m in rc["sizes"]])
     ax.set_xlabel("memory size (entries stored)")
     ax.set_ylabel("microseconds per byte")
-    ax.set_title("Episodic memory: read and write cost per byte as the memory grows\n(CPU, one sequence, top-8 vs dense read)",
+    ax.set_title(f"Episodic memory: read and write cost per byte as the memory grows\n(CPU, one sequence, top-{rc['topk']} vs dense read)",
                  fontsize=10)
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=7)
@@ -397,11 +400,12 @@ def render_read_cost(rc: dict) -> None:
     from rich.table import Table
 
     t = Table(title="episodic memory: microseconds per byte as the memory grows (one sequence)")
-    for col in ("entries", "segment read top-8", "segment read dense", "decode read top-8", "decode read dense", "write"):
+    k = rc["topk"]
+    for col in ("entries", f"segment read top-{k}", "segment read dense", f"decode read top-{k}", "decode read dense", "write"):
         t.add_column(col, justify="right")
     for i, M in enumerate(rc["sizes"]):
         s, d = rc["segment_read_us_per_byte"], rc["decode_read_us_per_byte"]
-        t.add_row(f"{M:,}", f"{s['top8'][i]:.1f}", f"{s['dense'][i]:.1f}", f"{d['top8'][i]:.1f}", f"{d['dense'][i]:.1f}",
+        t.add_row(f"{M:,}", f"{s['topk'][i]:.1f}", f"{s['dense'][i]:.1f}", f"{d['topk'][i]:.1f}", f"{d['dense'][i]:.1f}",
                   f"{rc['write_us_per_byte'][i]:.1f}")
     Console(stderr=True).print(t)
     Console(stderr=True).print(f"plot: {rc['plot']}")

@@ -87,6 +87,13 @@ def test_store_and_usage_end_to_end(runs, kind, tmp_path):
         assert all(v >= 0 for v in row)
     assert 0.0 <= u["entropy"] <= 1.0 and 0.0 <= u["min_max_ratio"] <= 1.0 and u["cv"] >= 0
     assert len(u["gates"]) == 1 and 0.0 <= u["gates"][0]["mean"] <= 1.0 and u["gates"][0]["std"] >= 0
+    if kind == "episodic":  # slots are regions of the entry buffer, filled from its start: regions never
+        # written are named as such, not left to look like slots the model stopped using
+        never = [n for n in u["notes"] if "never held an entry" in n]
+        filled = u["retention"]["entries"] * 4 // u["retention"]["budget"]
+        assert bool(never) == (u["retention"]["entries"] < u["retention"]["budget"] * 3 // 4 + 1), (never, u["retention"])
+        if never:
+            assert all(str(j) in never[0] for j in range(filled + 1, 4))
     assert _is_png(out / "slot_usage_heatmap.png")
     assert _is_png(out / "optimal_config_results.png")  # both results now exist
     assert (out / "usage.json").is_file()

@@ -108,6 +108,11 @@ def slot_usage(run_dir: Path, sequences: int = 50, random_tokens: bool = False, 
     notes = []
     if not defined.all():
         notes.append(f"{int((~defined).sum())} sequence(s) read nothing from the slots (empty memory): usage undefined there")
+    if state is not None:
+        empty = [j for j, f in enumerate(model.memory.slot_filled(state)[0].tolist()) if not f]
+        if empty:  # dead by construction, not by disuse: nothing was ever stored there
+            notes.append(f"slot(s) {', '.join(map(str, empty))} never held an entry after {T} segments "
+                         "(the memory's budget is not full): they read nothing by construction")
     return UsageResult(
         run=str(run_dir), source=stream.source, sequences=T, block_size=block, seed=seed, random_tokens=random_tokens,
         memory=memory_summary(model, cfg),

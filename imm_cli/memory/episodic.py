@@ -58,6 +58,7 @@ from imm_cli.config import MemoryConfig
 from imm_cli.memory.base import PAD, Memory, Segment, State
 
 SURE = math.log(4 / 3)  # a byte predicted with p > 3/4 (loss below this) is scored by its own loss
+GATHER_K = 32  # up to this many stored entries per query, their values are gathered; beyond, summed per byte id
 READ_CHUNK = 8192  # stored entries scored per matmul when taking the top-k (bounds memory at 65K entries)
 
 
@@ -170,6 +171,9 @@ class EpisodicMemory(Memory):
         k = min(self.cfg.topk or M, M)
         if k == 0:  # nothing stored yet (the first segment of a whole-episode read)
             return q.new_zeros(*q.shape[:2], 0), torch.zeros(*q.shape[:2], 0, dtype=torch.long, device=q.device)
+        if k == M:  # every entry is read (dense, or fewer stored than k): no selection to make
+            cos = torch.bmm(q, keys.transpose(1, 2)).masked_fill(~valid[:, None], -math.inf)
+            return cos, torch.arange(M, device=q.device).expand_as(cos)
         with torch.no_grad():
             best_s, best_i = [], []
             for c in range(0, M, READ_CHUNK):
@@ -235,7 +239,11 @@ class EpisodicMemory(Memory):
         the bytes the entries carry (the k stored ones gathered, the local ones as one matmul)."""
         k, read = parts["k"], 0
         for attn, (table, out, narrow) in zip(parts["attn"], tables or self._tables()):
-            mixed = (attn[..., :k, None] * _rows(table, parts["stored_ids"])).sum(-2)
+            if k <= GATHER_K:  # a few entries per query: gather their values
+                mixed = (attn[..., :k, None] * _rows(table, parts["stored_ids"])).sum(-2)
+            else:  # many (a dense read): sum the attention per byte id first, then one (257 d) matmul
+                per_byte = attn.new_zeros(*attn.shape[:2], table.shape[0])
+                mixed = per_byte.scatter_add_(2, parts["stored_ids"], attn[..., :k]) @ table
             if parts["local_ids"] is not None:
                 mixed = mixed + torch.bmm(attn[..., k:], _rows(table, parts["local_ids"]))
             read = read + (out(mixed) if narrow else mixed if out.bias is None else mixed + out.bias)
