@@ -261,7 +261,7 @@ def document(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings)
             r2 = random.Random(seed_text)  # the same stretches of text, with and without the facts
             docs[cond] = document_text(text, used, s.spacing, r2, place, with_facts)
         prompts = _prompts(text, used, P, rng, place, device)
-        states = {c: probe.repeat_state(_write_haystacks(model, [d], device), n) for c, d in docs.items()}
+        states = {c: probe.repeat_state(model, _write_haystacks(model, [d], device), n) for c, d in docs.items()}
         states["fresh"] = model.init_state(n, device)
         for cond, st in states.items():
             em, ca = _curve_point(_evaluate(model, st, prompts, rests, with_rank=False))

@@ -26,11 +26,12 @@ def as_ids(texts: list[bytes], device) -> torch.Tensor:
     return torch.from_numpy(arr.astype(np.int64)).to(device)
 
 
-def repeat_state(state: State | None, times: int) -> State | None:
-    """Each memory instance repeated `times` times, consecutively (row i -> rows i*times..)."""
+def repeat_state(model: GPT, state: State | None, times: int) -> State | None:
+    """Each memory instance repeated `times` times, consecutively (row i -> rows i*times..), for
+    reading only (the memory's `read_only` form: no empty budget copied)."""
     if state is None:
         return None
-    return {k: v.repeat_interleave(times, dim=0) for k, v in state.items()}
+    return {k: v.repeat_interleave(times, dim=0) for k, v in model.memory.read_only(state).items()}
 
 
 @torch.no_grad()
@@ -200,7 +201,7 @@ def _recall_at_1_rows(model: GPT, state: State | None, prompts: torch.Tensor, re
         rest_ids[j, : len(r)] = torch.tensor(list(r), dtype=torch.long)
     cand = rest_ids.repeat(C, 1)  # row i*N + j: prompt i, fact j's rest
     big_prompts = prompts.repeat_interleave(N, dim=0)
-    logits = model.decode(cand[:, :-1], cache, repeat_state(state, N), prev=big_prompts)
+    logits = model.decode(cand[:, :-1], cache, repeat_state(model, state, N), prev=big_prompts)
     logits = torch.cat([last.repeat_interleave(N, dim=0)[:, None], logits], dim=1)  # (C*N, R, vocab)
     nll = -torch.log_softmax(logits.float(), -1).gather(-1, cand[..., None]).squeeze(-1)
     mask = torch.arange(R, device=prompts.device)[None, :] < lengths.repeat(C)[:, None]

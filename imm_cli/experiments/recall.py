@@ -81,7 +81,7 @@ def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, c
     other = {k: torch.cat([halves[0][k].repeat_interleave(half, 0), halves[1][k].repeat_interleave(N - half, 0)])
              for k in written}
     prompts = probe.as_ids([probe.cue_prompt(text, f, P, rng, placement=placement) for f in facts], device)
-    states = {"memory": probe.repeat_state(written, N), "fresh": model.init_state(N, device), "other_facts": other}
+    states = {"memory": probe.repeat_state(model, written, N), "fresh": model.init_state(N, device), "other_facts": other}
 
     per = {}
     for name, st in states.items():

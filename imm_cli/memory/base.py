@@ -101,6 +101,11 @@ class Memory(nn.Module):
         `starts` (episode-major), each reading what the loop would have written before it."""
         raise NotImplementedError(f"{type(self).__name__} has no whole-episode read")
 
+    def read_only(self, state: State) -> State:
+        """The state as a frozen memory reads it, as small as it can be (default: unchanged). The
+        experiments repeat a state for many prompts; a memory whose budget is partly empty trims it."""
+        return state
+
     def slot_filled(self, state: State) -> Tensor:
         """(b s) bool: which slots hold something (an empty slot is left out of slot statistics)."""
         b = next(iter(state.values())).shape[0]

@@ -130,6 +130,13 @@ class EpisodicMemory(Memory):
             "writes": torch.zeros(batch, dtype=torch.long, device=device),  # writes so far
         }
 
+    def read_only(self, state: State) -> State:
+        """Only the buffer up to the last stored entry (writes fill it from index 0): a 512-entry
+        memory repeated for 256 prompts copies 512 entries each, not the 16,384 of the budget.
+        Not for writing: the budget would be lost."""
+        end = _stored_end(torch.isfinite(state["score"]))
+        return {k: (v[:, :end] if v.dim() > 1 else v) for k, v in state.items()}
+
     def slot_of_entries(self, device=None) -> Tensor:
         """(size) the slot (region of the buffer) each entry index belongs to."""
         return torch.arange(self.size, device=device) * self.cfg.slots // self.size
@@ -165,7 +172,7 @@ class EpisodicMemory(Memory):
         keys, valid = state["keys"], torch.isfinite(state["score"])
         # only up to the last stored entry: writes fill the buffer from index 0 (see _write), so a
         # memory holding 512 entries of a 16,384 budget costs a read over 512
-        end = int((valid * torch.arange(1, valid.shape[1] + 1, device=valid.device)).amax()) if valid.numel() else 0
+        end = _stored_end(valid)
         keys, valid = keys[:, :end], valid[:, :end]
         b, M, dk = keys.shape
         k = min(self.cfg.topk or M, M)
@@ -371,6 +378,11 @@ class EpisodicMemory(Memory):
         total = torch.zeros(b, self.cfg.slots, values.shape[-1], device=values.device).index_add_(1, slot, values)
         count = torch.zeros(b, self.cfg.slots, 1, device=values.device).index_add_(1, slot, valid)
         return self.out(total / count.clamp(min=1))
+
+
+def _stored_end(valid: Tensor) -> int:
+    """1 + the index of the last stored entry over all rows of a (b M) validity mask (0 if none)."""
+    return int((valid * torch.arange(1, valid.shape[1] + 1, device=valid.device)).amax()) if valid.numel() else 0
 
 
 def _rows(table: Tensor, idx: Tensor) -> Tensor:
