@@ -602,6 +602,8 @@ def test_resume_of_a_read_only_run_folder_is_refused_before_any_work(run_copy, i
 # --- issue 13: the terminal, stdout, the first second ---------------------------------------------------
 SIGINT_WHILE_IMPORTING = """
 import os, signal, sys
+# as at a terminal: a suite started in the background (nohup ... &) hands its children SIGINT ignored
+signal.signal(signal.SIGINT, signal.default_int_handler)
 class SigintOnTorchImport:
     def find_spec(self, name, path=None, target=None):
         if name == "torch":
