@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from conftest import REPO, TINY, run_imm, snapshot
-from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig
+from imm_cli.config import LEGACY_DEFAULTS, MemoryConfig, ModelConfig, TrainConfig
 
 MARKER = "PWNED_MARKER"
 
@@ -284,7 +284,7 @@ def _numeric(f) -> bool:
 # every field of every section: missing (on resume), of the wrong type, not finite or out of any range
 for _section, _name, _f in _all_fields():
     _path = f"{_section}.{_name}"
-    if not (_section == "model.memory" and _name in ("value_dim", "sharp")):  # documented: configs before them meant 0
+    if not (_section == "model.memory" and _name in LEGACY_DEFAULTS[MemoryConfig]):  # documented: older configs lacked them
         CASES.append(Case(f"train:resume-missing-{_path}", lambda c, p=_path: resume(_config(c, _drop(p))), expect=(_path,)))
     CASES.append(Case(f"train:resume-list-{_path}", lambda c, p=_path: resume(_config(c, lambda d: _set(d, p, [1]))), expect=(_path,)))
     if _numeric(_f):

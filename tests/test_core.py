@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import TINY
 from imm_cli import runs
 from imm_cli.cli.app import app
-from imm_cli.config import MEMORY_KINDS, MemoryConfig, ModelConfig, TrainConfig
+from imm_cli.config import LEGACY_DEFAULTS, MEMORY_KINDS, MemoryConfig, ModelConfig, TrainConfig
 from imm_cli.model import GPT
 
 KINDS = list(MEMORY_KINDS)  # every registered memory (config.MEMORIES)
@@ -128,31 +128,20 @@ def test_save_and_load_give_identical_logits(kind, tmp_path):
     assert not list(tmp_path.glob(runs.TMP_PREFIX + "*"))
 
 
-def test_run_saved_before_value_dim_loads_with_full_width_values(tmp_path):
-    """config.json files written before `value_dim` existed mean full-width (n_embd) values."""
-    model = tiny_model("episodic", slots=4, value_dim=0)
+@pytest.mark.parametrize("field, old", sorted(LEGACY_DEFAULTS[MemoryConfig].items()))
+def test_run_saved_before_a_field_existed_loads_with_its_old_meaning(field, old, tmp_path):
+    """config.json files written before a memory field existed mean its legacy value: `value_dim` 0
+    (full-width, n_embd values), `sharp` 0 (the learned-temperature read alone)."""
+    model = tiny_model("episodic", slots=4, **{field: old})
     runs.save_weights(tmp_path, model, step=1)
     runs.save_config(tmp_path, model.cfg, TrainConfig())
     doc = json.loads((tmp_path / runs.CONFIG).read_text())
-    del doc["model"]["memory"]["value_dim"]
+    del doc["model"]["memory"][field]
     (tmp_path / runs.CONFIG).write_text(json.dumps(doc))
     loaded, _ = runs.load_run(tmp_path)
-    assert loaded.cfg.memory.value_dim == 0
-    assert loaded.memory.value_emb.weight.shape == (257, loaded.cfg.n_embd)
-    x, y = batch()
-    assert torch.equal(model(x, y).logits, loaded(x, y).logits)
-
-
-def test_run_saved_before_the_sharp_read_loads_without_it(tmp_path):
-    """config.json files written before `sharp` existed mean the learned-temperature read alone."""
-    model = tiny_model("episodic", slots=4, sharp=0.0)
-    runs.save_weights(tmp_path, model, step=1)
-    runs.save_config(tmp_path, model.cfg, TrainConfig())
-    doc = json.loads((tmp_path / runs.CONFIG).read_text())
-    del doc["model"]["memory"]["sharp"]
-    (tmp_path / runs.CONFIG).write_text(json.dumps(doc))
-    loaded, _ = runs.load_run(tmp_path)
-    assert loaded.cfg.memory.sharp == 0.0
+    assert getattr(loaded.cfg.memory, field) == old
+    if field == "value_dim":
+        assert loaded.memory.value_emb.weight.shape == (257, loaded.cfg.n_embd)
     x, y = batch()
     assert torch.equal(model(x, y).logits, loaded(x, y).logits)
 

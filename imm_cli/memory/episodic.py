@@ -268,8 +268,7 @@ class EpisodicMemory(Memory):
     def lookup(self, seg: Segment, state: State) -> tuple[Tensor, dict]:
         """For analysis: (b n C 257) the attention mass each read channel (0: learned temperature,
         1: sharp) puts on each byte id after each position of one segment, and the parts."""
-        kw = self._ngram(seg.ids, seg.prev)
-        parts = self._attend(kw, kw, seg.ids, state)
+        parts = self._segment_parts(seg, state)
         b, n, k = parts["stored_ids"].shape
         ids = parts["stored_ids"]
         if parts["local_ids"] is not None:
@@ -279,9 +278,13 @@ class EpisodicMemory(Memory):
             per_byte[:, :, c].scatter_add_(2, ids, attn)
         return per_byte, parts
 
-    def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
+    def _segment_parts(self, seg: Segment, state: State) -> dict:
+        """`_attend` for every position of one segment, its window being the segment itself."""
         kw = self._ngram(seg.ids, seg.prev)
-        parts = self._attend(kw, kw, seg.ids, state)
+        return self._attend(kw, kw, seg.ids, state)
+
+    def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
+        parts = self._segment_parts(seg, state)
         return self._gated(h, self._mix(parts), parts)
 
     def new_cache(self, batch: int) -> EpisodicCache:
