@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from imm_cli.errors import InputError
-from imm_cli.experiments import probe
+from imm_cli.experiments import misses, probe
 from imm_cli.facts import Fact
 from imm_cli.model import GPT
 
@@ -68,6 +68,7 @@ class NeedleResult:
     conditions: dict[str, dict[str, float] | None]
     facts: list[dict]
     placements: dict[str, dict] = field(default_factory=dict)
+    misses: dict[str, dict] = field(default_factory=dict)  # per placement: why the memory condition missed (experiments.misses)
     heatmap: dict | None = None
     distance: dict | None = None
     capacity: dict | None = None
@@ -131,7 +132,9 @@ def run_trial(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings
     hay = [probe.haystack(text, f, s.length, s.depth, rng, placement) for f in facts]
     prompts = _prompts(text, facts, P, rng, placement, device)
     written = _write_haystacks(model, hay, device)
-    out = {"memory": _evaluate(model, written, prompts, rests),
+    mem = _evaluate(model, written, prompts, rests)
+    mem["misses"] = misses.classify(model, written, prompts, rests, mem["generated"], hay, [f.cue for f in facts])
+    out = {"memory": mem,
            "fresh": _evaluate(model, model.init_state(N, device), prompts, rests),
            "other_facts": _evaluate(model, _rotate(written), prompts, rests)}
     r_max = max(len(r) for r in rests)
@@ -211,16 +214,20 @@ def distance(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings)
     rests = probe.encode_rests(facts)
     P = _prompt_len(facts, s.context)
     place = s.placements[0]
-    res = {"lengths": [], "placement": place, **{c: {"exact_match": [], "char_accuracy": []}
-                                                  for c in ("memory", "fresh", "other_facts")}}
+    res = {"lengths": [], "placement": place, "misses": [], **{c: {"exact_match": [], "char_accuracy": []}
+                                                               for c in ("memory", "fresh", "other_facts")}}
     fresh = None
     for L in s.distance:
-        written = _write_haystacks(model, [probe.haystack(text, f, L, 0.0, rng, place) for f in facts], device)
+        hay = [probe.haystack(text, f, L, 0.0, rng, place) for f in facts]
+        written = _write_haystacks(model, hay, device)
         prompts = _prompts(text, facts, P, rng, place, device)
         if fresh is None:  # the fresh memory does not depend on the haystack: measured once
             fresh = _curve_point(_evaluate(model, model.init_state(len(facts), device), prompts, rests, with_rank=False))
         for cond, st in (("memory", written), ("other_facts", _rotate(written))):
-            em, ca = _curve_point(_evaluate(model, st, prompts, rests, with_rank=False))
+            r = _evaluate(model, st, prompts, rests, with_rank=False)
+            if cond == "memory":
+                res["misses"].append(misses.classify(model, st, prompts, rests, r["generated"], hay, [f.cue for f in facts]))
+            em, ca = _curve_point(r)
             res[cond]["exact_match"].append(em)
             res[cond]["char_accuracy"].append(ca)
         res["fresh"]["exact_match"].append(fresh[0])
@@ -248,7 +255,7 @@ def document(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings)
     place = s.placements[0]
     P = _prompt_len(facts, s.context)
     ns = sorted({min(n, len(facts)) for n in s.document if n >= 1})
-    res = {"n_facts": [], "bytes": [], "placement": place, "spacing": s.spacing,
+    res = {"n_facts": [], "bytes": [], "placement": place, "spacing": s.spacing, "misses": [],
            "memory_size": getattr(model.memory, "size", None),
            **{c: {"exact_match": [], "char_accuracy": []} for c in ("memory", "fresh", "text_only")}}
     for n in ns:
@@ -264,7 +271,11 @@ def document(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings)
         states = {c: probe.repeat_state(model, _write_haystacks(model, [d], device), n) for c, d in docs.items()}
         states["fresh"] = model.init_state(n, device)
         for cond, st in states.items():
-            em, ca = _curve_point(_evaluate(model, st, prompts, rests, with_rank=False))
+            r = _evaluate(model, st, prompts, rests, with_rank=False)
+            if cond == "memory":
+                res["misses"].append(misses.classify(model, st, prompts, rests, r["generated"], [docs[cond]],
+                                                        [f.cue for f in used]))
+            em, ca = _curve_point(r)
             res[cond]["exact_match"].append(em)
             res[cond]["char_accuracy"].append(ca)
         res["n_facts"].append(n)
@@ -321,12 +332,13 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
     if too_long:
         notes.append(f"fact(s) {', '.join(map(str, too_long))} do not fit the {model.cfg.block_size}-byte window beside "
                      f"their cue: the fact-in-window control leaves them out" + (" (no fact fits: null)" if len(too_long) == len(facts) else ""))
-    placements = {}
+    placements, miss = {}, {}
     trials_by_place = {}
     for place in s.placements:
         per_trial = [run_trial(model, facts, text, s, random.Random(s.seed * 1000 + t), place) for t in range(s.trials)]
         trials_by_place[place] = per_trial
         placements[place] = _summarise(per_trial)
+        miss[place] = misses.merge([t["memory"]["misses"] for t in per_trial])
     first_place = s.placements[0]
     conditions = placements[first_place]
     first = trials_by_place[first_place][0]
@@ -355,6 +367,7 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
                "memory_size": getattr(model.memory, "size", None), "topk": model.cfg.memory.topk},
         conditions=conditions,
         placements=placements,
+        misses=miss,
         facts=fact_rows,
         notes=notes,
         per_trial=[{c: (None if t[c] is None else {"exact_match": float(np.mean(t[c]["exact"])),

@@ -20,6 +20,9 @@ Everything else has a correct default that a memory may override for speed or an
                                       without it the model runs the loop, which is always exact)
     slot_filled(state)                which slots hold something (default: all)
     describe(state)                   figures about what the state holds, for reports (default: none)
+    exact_context, holds(state, ids, byte)  for memories of exact entries: how many bytes of context
+                                      key an entry, and whether a state holds a given one (the
+                                      miss analysis; default: None, not such a memory)
     no_weight_decay()                 parameter names AdamW must not decay (default: none)
 
 Three switches serve the experiments:
@@ -53,6 +56,8 @@ class Segment:
 
 class Memory(nn.Module):
     """Base class: the interface above, the three switches, and the read gate's initialisation."""
+
+    exact_context: int | None = None  # bytes of context that key an exact entry (None: entries are not exact contexts)
 
     def __init__(self, cfg: MemoryConfig, n_embd: int) -> None:
         super().__init__()
@@ -114,6 +119,11 @@ class Memory(nn.Module):
     def describe(self, state: State) -> dict:
         """Plain numbers about what the state of sequence 0 holds (e.g. entries kept and why), for reports."""
         return {}
+
+    def holds(self, state: State, ids: Tensor, byte: Tensor) -> Tensor:
+        """(b) bool: whether each row's state holds the exact entry "the context ending at ids' last
+        byte (b p) -> byte (b)". Only for memories with `exact_context`."""
+        raise NotImplementedError(f"{type(self).__name__} keeps no exact entries")
 
     def no_weight_decay(self) -> set[str]:
         """Names (relative to this module) of matrices that AdamW must not decay (e.g. lookup tables)."""

@@ -78,6 +78,7 @@ class EpisodicMemory(Memory):
         super().__init__(cfg, n_embd)
         self.size = cfg.size  # the budget in entries
         self.per_write = cfg.entries or block_size  # 0 = offer every position of a written segment
+        self.exact_context = cfg.key_bytes  # an entry is keyed by exactly this many bytes of context
         K, dk = cfg.key_bytes, cfg.key_dim
         # one byte table per offset (0 = the current byte): the sum is an n-gram embedding;
         # recent bytes start with larger weight so a near-miss context scores below an exact one
@@ -136,6 +137,11 @@ class EpisodicMemory(Memory):
         Not for writing: the budget would be lost."""
         end = _stored_end(torch.isfinite(state["score"]))
         return {k: (v[:, :end] if v.dim() > 1 else v) for k, v in state.items()}
+
+    def holds(self, state: State, ids: Tensor, byte: Tensor) -> Tensor:
+        q = self._ngram(ids[:, -1:], ids[:, :-1])  # (b 1 dk) the key of the context ending at the last byte
+        same = torch.einsum("bmd,bnd->bm", state["keys"], q) > 1 - 1e-4  # the very same context
+        return (same & (state["bytes"] == byte[:, None]) & torch.isfinite(state["score"])).any(1)
 
     def slot_of_entries(self, device=None) -> Tensor:
         """(size) the slot (region of the buffer) each entry index belongs to."""
@@ -198,14 +204,18 @@ class EpisodicMemory(Memory):
                 i = i.gather(-1, j)
         if not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)):
             return s, i
-        chosen = _rows(keys.flatten(0, 1), i + M * torch.arange(b, device=i.device)[:, None, None])  # (b n k dk)
-        cos = (q[:, :, None] * chosen).sum(-1)
-        return cos.masked_fill(torch.isneginf(s), -math.inf), i
+        return _chosen_cosines(q, keys, s, i), i
 
-    def _attend(self, q_keys: Tensor, win_keys: Tensor, win_bytes: Tensor, state: State) -> dict:
+    def _stored(self, q: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor]:
+        """The top-k stored entries of each query: cosines (b n k), indices and byte ids (b n k)."""
+        cos, idx = self._stored_topk(q, state)
+        return cos, idx, state["bytes"].gather(1, idx.flatten(1)).view_as(idx)
+
+    def _attend(self, q_keys: Tensor, win_keys: Tensor, win_bytes: Tensor,
+                stored: tuple[Tensor, Tensor, Tensor]) -> dict:
         """The read's attention for n queries, the last n positions of a window of w positions.
 
-        Stored entries: the top-k of the state. Local entries: window position j (its context ->
+        Stored entries: `stored`, the top-k of the state (`_stored`). Local entries: window position j (its context ->
         the byte after it, win_bytes[j+1]) is readable by a query at window position i once j < i.
         The same cosines feed two softmaxes (read channels): the learned-temperature one (a
         smoothed n-gram read) and, with `sharp`, one at that fixed 1/temperature (near-exact
@@ -215,7 +225,7 @@ class EpisodicMemory(Memory):
         """
         b, n, _ = q_keys.shape
         w = win_keys.shape[1]
-        st_cos, st_idx = self._stored_topk(q_keys, state)
+        st_cos, st_idx, st_ids = stored
         cos, local_ids = [st_cos], None
         if self.cfg.local and w > 1:
             local = torch.bmm(q_keys, win_keys[:, : w - 1].transpose(1, 2))  # (b n w-1)
@@ -225,35 +235,45 @@ class EpisodicMemory(Memory):
         cos = torch.cat(cos, dim=-1)
         unseen = torch.isneginf(cos)  # masked after scaling: a learned scale times -inf has a NaN gradient
         cos = cos.masked_fill(unseen, 0.0)
-        attn = [_read_softmax(cos, unseen, self.log_scale.exp(), self.null_cos)]
+        scales, nulls = [self.log_scale.exp()], [self.null_cos]
         if self.cfg.sharp:
-            attn.append(_read_softmax(cos, unseen, self.cfg.sharp, self.sharp_null))
+            scales.append(self.log_scale.new_tensor(self.cfg.sharp))
+            nulls.append(self.sharp_null)
+        attn = _read_softmax(cos, unseen, torch.stack(scales), torch.stack(nulls))  # (C b n e)
         k = st_cos.shape[-1]
-        return {"attn": attn, "stored_ids": state["bytes"].gather(1, st_idx.flatten(1)).view_as(st_idx),
-                "local_ids": local_ids, "k": k, "stored_idx": st_idx,
+        return {"attn": attn, "stored_ids": st_ids, "local_ids": local_ids, "k": k, "stored_idx": st_idx,
                 "stored_attn": attn[0][..., :k], "local_attn": attn[0][..., k:].sum(-1)}
 
-    def _tables(self) -> list[tuple[Tensor, nn.Linear, bool]]:
-        """Per read channel: (257 d) each byte's projected value (or, for values narrower than the
-        stream, the raw values, projected after mixing), its projection, and whether it is narrow."""
-        values = self.value_emb.weight  # (257 dv)
-        outs = [self.out] + ([self.sharp_out] if self.cfg.sharp else [])
-        narrow = values.shape[1] < self.out.weight.shape[0]
-        return [(values if narrow else values @ out.weight.t(), out, narrow) for out in outs]
+    def _outs(self) -> list[nn.Linear]:
+        return [self.out] + ([self.sharp_out] if self.cfg.sharp else [])
 
-    def _mix(self, parts: dict, tables: list | None = None) -> Tensor:
-        """(b n d) the read before its gate: per channel, the attention-weighted projected values of
-        the bytes the entries carry (the k stored ones gathered, the local ones as one matmul)."""
-        k, read = parts["k"], 0
-        for attn, (table, out, narrow) in zip(parts["attn"], tables or self._tables()):
-            if k <= GATHER_K:  # a few entries per query: gather their values
-                mixed = (attn[..., :k, None] * _rows(table, parts["stored_ids"])).sum(-2)
+    def _tables(self) -> list[Tensor]:
+        """Per read channel, (257 d): each byte's stored value as the channel projects it
+        (projecting the 257 values once is cheaper than projecting every position's mix)."""
+        return [self.value_emb.weight @ out.weight.t() for out in self._outs()]
+
+    def _mix(self, parts: dict, tables: list[Tensor] | None = None) -> Tensor:
+        """(b n d) the read before its gate: summed over the read channels, the attention-weighted
+        projected values of the bytes the entries carry (the k stored ones as one weighted embedding
+        bag, the local ones as one matmul)."""
+        attn, k, ids = parts["attn"], parts["k"], parts["stored_ids"]
+        b, n, _ = ids.shape
+        tables = tables or self._tables()
+        read = attn.new_zeros(b, n, tables[0].shape[1])
+        for a, values in zip(attn, tables):
+            if k == 0:  # nothing stored yet
+                stored = 0
+            elif k <= GATHER_K:  # a few entries per query: their values' weighted sum, in one fused kernel
+                stored = F.embedding_bag(ids.reshape(b * n, k), values, mode="sum",
+                                         per_sample_weights=a[..., :k].reshape(b * n, k)).view(b, n, -1)
             else:  # many (a dense read): sum the attention per byte id first, then one (257 d) matmul
-                per_byte = attn.new_zeros(*attn.shape[:2], table.shape[0])
-                mixed = per_byte.scatter_add_(2, parts["stored_ids"], attn[..., :k]) @ table
+                stored = a.new_zeros(b, n, values.shape[0]).scatter_add_(2, ids, a[..., :k]) @ values
+            read = read + stored
             if parts["local_ids"] is not None:
-                mixed = mixed + torch.bmm(attn[..., k:], _rows(table, parts["local_ids"]))
-            read = read + (out(mixed) if narrow else mixed if out.bias is None else mixed + out.bias)
+                read = read + torch.bmm(a[..., k:], _rows(values, parts["local_ids"]))
+        for out in self._outs():
+            if out.bias is not None:
+                read = read + out.bias
         return read
 
     def _gated(self, h: Tensor, read: Tensor, parts: dict) -> Tensor:
@@ -281,7 +301,7 @@ class EpisodicMemory(Memory):
     def _segment_parts(self, seg: Segment, state: State) -> dict:
         """`_attend` for every position of one segment, its window being the segment itself."""
         kw = self._ngram(seg.ids, seg.prev)
-        return self._attend(kw, kw, seg.ids, state)
+        return self._attend(kw, kw, seg.ids, self._stored(kw, state))
 
     def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
         parts = self._segment_parts(seg, state)
@@ -297,7 +317,7 @@ class EpisodicMemory(Memory):
         new = self._ngram(seg.ids, seg.prev)
         cache.keys = new if cache.keys is None else torch.cat([cache.keys, new], dim=1)
         cache.bytes = seg.ids if cache.bytes is None else torch.cat([cache.bytes, seg.ids], dim=1)
-        parts = self._attend(new, cache.keys, cache.bytes, state)
+        parts = self._attend(new, cache.keys, cache.bytes, self._stored(new, state))
         return self._gated(h, self._mix(parts), parts)
 
     # --- a whole episode at once (training) ----------------------------------------------------
@@ -320,16 +340,35 @@ class EpisodicMemory(Memory):
         entries its own earlier positions (-> the next byte): the same scores, top-k and softmax as
         the sequential path (only float rounding differs). Each segment is scored against the prefix
         it can see alone; positions between read segments (a gap) are stored entries like any other.
+        The k entries are chosen segment by segment without autograd; everything after (cosines
+        with gradient, softmaxes, values) runs once for all segments, so a step pays the autograd
+        and per-operation cost of one read however many segments it scores.
         """
         ids, targets = stream.ids, stream.targets
-        kw = self._ngram(ids, stream.prev)  # (b L k): every position's context within its episode
-        stored = {"keys": kw, "bytes": targets.masked_fill(targets < 0, PAD),
-                  "score": torch.zeros(targets.shape, device=kw.device).masked_fill(targets < 0, -math.inf)}
-        reads, tables = [], self._tables()
-        for lo in starts:
-            prefix = {k: v[:, :lo] for k, v in stored.items()}
-            reads.append(self._mix(self._attend(kw[:, lo:lo + n], kw[:, lo:lo + n], ids[:, lo:lo + n], prefix), tables))
-        return self._gated(h, torch.stack(reads, dim=1).flatten(0, 1), {})  # episode-major, as h
+        b, L = ids.shape
+        S, k = len(starts), min(self.cfg.topk, max(starts)) if self.cfg.topk else max(starts)
+        kw = self._ngram(ids, stream.prev)  # (b L dk): every position's context within its episode
+        bytes_ = targets.masked_fill(targets < 0, PAD)
+        pos = torch.tensor([lo + j for lo in starts for j in range(n)], device=ids.device)  # (S*n)
+        q = kw.index_select(1, pos)  # (b S*n dk)
+        if self.cfg.topk == 0 or k == 0:  # dense (or nothing stored before any segment): segment by segment
+            reads, tables = [], self._tables()
+            for s, lo in enumerate(starts):
+                win = q[:, s * n:(s + 1) * n]
+                prefix = {"keys": kw[:, :lo], "bytes": bytes_[:, :lo], "score": kw.new_zeros(b, lo).masked_fill(targets[:, :lo] < 0, -math.inf)}
+                reads.append(self._mix(self._attend(win, win, ids[:, lo:lo + n], self._stored(win, prefix)), tables))
+            return self._gated(h, torch.stack(reads, dim=1).flatten(0, 1), {})  # episode-major, as h
+        with torch.no_grad():  # which k entries: segment by segment, each against its own prefix
+            best = [_topk_padded(torch.bmm(q[:, s * n:(s + 1) * n], kw[:, :lo].transpose(1, 2))
+                                 .masked_fill_((targets[:, None, :lo] < 0), -math.inf), k)
+                    for s, lo in enumerate(starts)]
+            s, i = torch.cat([c for c, _ in best], 1), torch.cat([j for _, j in best], 1)  # (b S*n k)
+        cos = _chosen_cosines(q, kw, s, i)
+        st_ids = bytes_.gather(1, i.flatten(1)).view_as(i)
+        per_seg = lambda t: t.reshape(b * S, n, *t.shape[2:])  # noqa: E731  (b S*n ...) -> (b*S n ...)
+        win_bytes = ids.index_select(1, pos)
+        parts = self._attend(per_seg(q), per_seg(q), per_seg(win_bytes), (per_seg(cos), per_seg(i), per_seg(st_ids)))
+        return self._gated(h, self._mix(parts), {})  # episode-major, as h
 
     # --- writing -------------------------------------------------------------------------------
     def retention_score(self, surprise: Tensor) -> Tensor:
@@ -388,16 +427,37 @@ def _stored_end(valid: Tensor) -> int:
     return int((valid * torch.arange(1, valid.shape[1] + 1, device=valid.device)).amax()) if valid.numel() else 0
 
 
+def _chosen_cosines(q: Tensor, keys: Tensor, best: Tensor, idx: Tensor) -> Tensor:
+    """(b n k) the cosines of queries q (b n dk) with the keys (b M dk) at idx (b n k), with autograd
+    (-inf where the selection found nothing: `best` is -inf)."""
+    b, M, _ = keys.shape
+    chosen = _rows(keys.flatten(0, 1), idx + M * torch.arange(b, device=idx.device)[:, None, None])  # (b n k dk)
+    return torch.einsum("bnd,bnkd->bnk", q, chosen).masked_fill(torch.isneginf(best), -math.inf)
+
+
+def _topk_padded(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """scores.topk(k) over the last dim, padded with -inf (index 0) where fewer than k scores exist."""
+    have = min(k, scores.shape[-1])
+    s, i = scores.topk(have, dim=-1) if have else (scores[..., :0], scores[..., :0].long())
+    if have == k:
+        return s, i
+    pad = (*s.shape[:-1], k - have)
+    return torch.cat([s, s.new_full(pad, -math.inf)], -1), torch.cat([i, i.new_zeros(pad)], -1)
+
+
 def _rows(table: Tensor, idx: Tensor) -> Tensor:
     """table[idx] as index_select, whose backward is one index_add_ (indexing's is a slower index_put_)."""
     return table.index_select(0, idx.flatten()).view(*idx.shape, table.shape[-1])
 
 
-def _read_softmax(cos: Tensor, unseen: Tensor, scale: Tensor | float, null_cos: Tensor) -> Tensor:
-    """(b n e) cosines -> attention over the e entries (not the unseen ones) beside "nothing matches"
-    (its share dropped)."""
-    null = (scale * null_cos).expand(*cos.shape[:2], 1)
-    return torch.softmax(torch.cat([(scale * cos).masked_fill(unseen, -math.inf), null], dim=-1), dim=-1)[..., :-1]
+def _read_softmax(cos: Tensor, unseen: Tensor, scales: Tensor, nulls: Tensor) -> Tensor:
+    """(b n e) cosines -> (C b n e): per read channel c (1/temperature scales[c], "nothing matches"
+    cosine nulls[c]), the attention over the e entries (not the unseen ones) beside "nothing
+    matches" (its share dropped)."""
+    C = scales.shape[0]
+    logits = (scales[:, None, None, None] * cos).masked_fill(unseen, -math.inf)  # (C b n e)
+    null = (scales * nulls)[:, None, None, None].expand(C, *cos.shape[:2], 1)
+    return torch.softmax(torch.cat([logits, null], dim=-1), dim=-1)[..., :-1]
 
 
 class _NGramBag(torch.autograd.Function):
