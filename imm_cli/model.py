@@ -81,6 +81,15 @@ class GPTOutput:
     loss: Tensor | None  # mean cross-entropy over known targets (an episode: the mean of its segments' means)
     token_loss: Tensor | None  # (b n) per-byte loss, 0 where the target is unknown
     state: State | None  # the memory state after this segment (written unless frozen); None for an episode
+    aux_loss: Tensor | None = None  # an episode's memory-own training loss (Memory.aux_loss), not part of `loss`
+
+
+def with_copy(logits: Tensor, copied: Tensor) -> Tensor:
+    """Log-probabilities of the model's distribution mixed with a memory's proposed next bytes:
+    p = p_model * (1 - total) + copied, where copied (b n vocab) sums to total <= 1 per position.
+    Log-probabilities are valid logits: softmax, cross-entropy and argmax read them unchanged."""
+    p = torch.softmax(logits.float(), dim=-1) * (1 - copied.sum(-1, keepdim=True)) + copied
+    return torch.log(p.clamp_min(1e-30))
 
 
 class CausalSelfAttention(nn.Module):
@@ -249,7 +258,10 @@ class GPT(nn.Module):
             x, h = block(x, read, None if kv is None else kv[i])
             if h is not None:
                 h_mem = h
-        return self.lm_head(self.ln_f(x)), h_mem
+        logits = self.lm_head(self.ln_f(x))
+        if read is not None and self.memory.copies:  # the read also proposed next bytes directly
+            logits, self.memory.copied = with_copy(logits, self.memory.copied), None
+        return logits, h_mem
 
     def _defaults(self, idx: Tensor, prev: Tensor | None, state: State | None) -> tuple[Tensor, State | None]:
         """No bytes before idx, and a fresh memory, unless given."""
@@ -329,8 +341,11 @@ class GPT(nn.Module):
         logits, _ = self._trunk(xs.reshape(b * S, n), 0, read)
         token_loss = self._token_loss(logits, ys.reshape(b * S, n)).view(b, S, n)
         known = (ys >= 0).sum(dim=(0, 2)).clamp(min=1)
+        aux = None
+        if mem is not None:
+            aux, mem.aux_loss = mem.aux_loss, None
         return GPTOutput(logits=logits.view(b, S, n, -1), loss=(token_loss.sum(dim=(0, 2)) / known).mean(),
-                         token_loss=token_loss, state=None)
+                         token_loss=token_loss, state=None, aux_loss=aux)
 
     def _episode_loop(self, x: Tensor, y: Tensor, scored: list[int]) -> GPTOutput:
         """The reference path: segment by segment, the state carried (and written) between them."""

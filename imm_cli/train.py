@@ -150,7 +150,10 @@ def episode_loss(model: GPT, x: torch.Tensor, y: torch.Tensor, gap: int = 0) -> 
     (GPT.episode: one batched forward where the memory can read a whole episode exactly, else
     segment by segment); `gap` unscored segments before the last."""
     out = model.episode(x, y, gap=gap)
-    return out.loss, list(out.token_loss.unbind(1))
+    loss = out.loss
+    if out.aux_loss is not None:  # the memory's own loss enters the gradient, not the reported figure
+        loss = loss + (out.aux_loss - out.aux_loss.detach())
+    return loss, list(out.token_loss.unbind(1))
 
 
 def segment_loop_loss(model: GPT, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -71,6 +71,23 @@ def test_whole_episode_forward_equals_sequential_loop(local, ablated, unknown, b
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+@pytest.mark.parametrize("topk", [4, 0])
+def test_whole_episode_forward_equals_sequential_loop_with_copy(topk):
+    """With --memory-copy (the read's next bytes mixed into the output), top-k or dense reads."""
+    model = model_for(slots=4, key_bytes=8, key_dim=16, topk=topk, copy=True)
+    with torch.no_grad():
+        model.memory.log_scale.fill_(3.0)
+    x, y = episodes(b=3, segments=4, n=32)
+    ref_loss, ref_parts, ref_grads = loss_and_grads(model, sequential_loss, x, y)
+    loss, parts, grads = loss_and_grads(model, episode_loss, x, y)
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for a, b in zip(parts, ref_parts):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert ref_grads["blocks.1.memory.copy_gate.weight"].abs().sum() > 0
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
 def test_ngram_key_gradient_equals_embedding_bag():
     """The n-gram keys' hand-written backward (one index_add_) gives embedding_bag's gradient."""
     from imm_cli.memory.episodic import _NGramBag

@@ -281,6 +281,15 @@ def test_needle_command(tiny_runs, tmp_path):
         for c in conds:
             assert len(curve[c]["exact_match"]) == len(curve["n_facts" if "n_facts" in curve else "lengths"])
     assert doc["distance"]["lengths"] == [256, 1024]
+    # every memory-condition miss has one cause: per placement over both trials, per curve point
+    for place, m in doc["misses"].items():
+        assert m["rows"] == 16 * 2 and sum(m["causes"].values()) == m["misses"]
+        assert m["misses"] == round((1 - doc["placements"][place]["memory"]["exact_match"]) * 32)
+    for curve, xs in ((doc["capacity"], "n_facts"), (doc["distance"], "lengths")):
+        assert [m["rows"] for m in curve["misses"]] == ([1, 4, 16] if xs == "n_facts" else [16, 16])
+        for m, em in zip(curve["misses"], curve["memory"]["exact_match"]):
+            assert m["misses"] == round((1 - em) * m["rows"])
+    assert "why the memory missed" in r.stderr
     for name in ("needle.json", "needle_heatmap.png", "capacity.png", "distance.png"):
         assert (out / name).is_file()
 

@@ -13,6 +13,7 @@ from imm_cli import runs
 from imm_cli.cli.common import _clean, console, handle_errors, mark_outputs, parse_list, print_json, safe
 from imm_cli.cli.store import FORCE_HELP, open_with_facts
 from imm_cli.errors import InputError
+from imm_cli.experiments.misses import CAUSES
 from imm_cli.experiments.needle import CONDITIONS, NeedleSettings, check_settings, run_needle
 from imm_cli.facts import load_facts
 
@@ -109,6 +110,22 @@ def _curve_table(title: str, x_name: str, xs: list, curve: dict, conds: tuple[st
     return t
 
 
+def _misses_table(r: dict) -> Table:
+    """Why the memory condition missed, per experiment: each miss's cause at its first wrong byte."""
+    t = Table(title="why the memory missed: each miss at its first wrong byte (imm_cli/experiments/misses.py)")
+    t.add_column("experiment")
+    t.add_column("misses", justify="right")
+    for c in CAUSES:
+        t.add_column(c.replace("_", " "), justify="right")
+    rows = [(f"needle, {place}", m) for place, m in r.get("misses", {}).items()]
+    for key, x_name, fmt in (("distance", "lengths", "distance {:,} bytes"), ("capacity", "n_facts", "document, {} facts")):
+        curve = r.get(key) or {}
+        rows += [(fmt.format(x), m) for x, m in zip(curve.get(x_name, []), curve.get("misses", []))]
+    for name, m in rows:
+        t.add_row(name, f"{m['misses']} of {m['rows']}", *[str(m["causes"][c]) for c in CAUSES])
+    return t
+
+
 def _print(r: dict, files: dict) -> None:
     s, m = r["settings"], r["model"]
     size = f", {m['memory_size']:,} entries, top-{m['topk']}" if m.get("memory_size") and m["memory"] == "episodic" else ""
@@ -141,6 +158,7 @@ def _print(r: dict, files: dict) -> None:
         console.print(_curve_table(f"capacity: N facts spread through one text ({cap['spacing']} bytes each) in one memory "
                                    f"of {cap['memory_size'] or '-'} entries ({cap['placement']})",
                                    "facts", cap["n_facts"], cap, ("memory", "fresh", "text_only")))
+    console.print(_misses_table(r))
     for note in r.get("notes", []):
         console.print(f"note: {safe(note)}")
     console.print(f"[bold]verdict:[/] {escape(r['verdict'])}  ({r['seconds']:.1f} s)")

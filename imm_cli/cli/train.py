@@ -51,6 +51,8 @@ def train(
     memory_topk: int = typer.Option(MM.topk, help="Episodic memory: stored entries each position reads, the best-matching ones; 0 = all (dilutes as the memory grows)."),
     memory_span: int = typer.Option(MM.span, help="Episodic memory: retention scores a byte by the mean surprise of it and span//2 bytes on each side (1 = its own loss)."),
     memory_sharp: float = typer.Option(MM.sharp, help="Episodic memory: fixed 1/temperature of a second, sharp read of the same entries (near-exact contexts only); 0 = the learned-temperature read alone."),
+    memory_copy: bool = typer.Option(MM.copy, "--memory-copy/--no-memory-copy", help="Episodic memory: mix the sharp read's next-byte distribution into the output, with a learned weight (as kNN-LM does), so an exact stored context can outvote the model's own guess."),
+    memory_keep: float = typer.Option(MM.keep, help="Episodic memory: weight (nats) of a learned keep score (trained on which entries later cues read) added to each entry's retention score; 0 = surprise alone, no keep head."),
     memory_entries: int = typer.Option(MM.entries, help="Episodic memory: positions one write offers at most, most surprising first; 0 = every position."),
     memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),
     memory_key_dim: int = typer.Option(MM.key_dim, help="Episodic memory: width of keys and queries."),

@@ -20,6 +20,8 @@ Everything else has a correct default that a memory may override for speed or an
                                       without it the model runs the loop, which is always exact)
     slot_filled(state)                which slots hold something (default: all)
     describe(state)                   figures about what the state holds, for reports (default: none)
+    copies, copied                    a memory that also proposes next bytes directly: after each read,
+                                      `copied` holds their mass for the model's output (default: off)
     exact_context, holds(state, ids, byte)  for memories of exact entries: how many bytes of context
                                       key an entry, and whether a state holds a given one (the
                                       miss analysis; default: None, not such a memory)
@@ -58,6 +60,7 @@ class Memory(nn.Module):
     """Base class: the interface above, the three switches, and the read gate's initialisation."""
 
     exact_context: int | None = None  # bytes of context that key an exact entry (None: entries are not exact contexts)
+    copies: bool = False  # whether a read leaves `copied` for the model to mix into its output
 
     def __init__(self, cfg: MemoryConfig, n_embd: int) -> None:
         super().__init__()
@@ -67,6 +70,12 @@ class Memory(nn.Module):
         self.ablated = False
         self.observe = False
         self.observed: list[dict[str, Tensor]] = []
+        # a copying memory's last read: (b n 256) weighted next-byte mass, total <= 1 per position,
+        # that the model mixes into its output distribution (see GPT._trunk); taken, then cleared
+        self.copied: Tensor | None = None
+        # a training-only loss of the memory's own (e.g. a head scoring what to keep), from the last
+        # whole-episode read; the model hands it to the training step, then clears it
+        self.aux_loss: Tensor | None = None
 
     # --- required ------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:

@@ -93,6 +93,11 @@ class EpisodicMemory(Memory):
         if cfg.sharp:  # the sharp read: its own "nothing matches" level and projection, the same values
             self.sharp_null = nn.Parameter(torch.tensor(0.9))
             self.sharp_out = nn.Linear(dv, n_embd, bias=bias)
+        self.copies = cfg.copy
+        if cfg.keep:  # a learned keep score: will a later cue read this entry sharply? (trained in read_episode)
+            self.keep_head = nn.Linear(n_embd, 1)
+        if cfg.copy:  # per position, how much of the sharp read's next-byte distribution the output takes
+            self.copy_gate = nn.Linear(n_embd, 1)
 
     def no_weight_decay(self) -> set[str]:
         return {"key_emb"}  # a lookup table: decay would pull rare bytes' keys towards zero
@@ -277,6 +282,12 @@ class EpisodicMemory(Memory):
         return read
 
     def _gated(self, h: Tensor, read: Tensor, parts: dict) -> Tensor:
+        """The gated read; with `copy`, also leaves `copied`: the sharp read's mass per next byte
+        (the last channel's), scaled by the learned copy weight (kNN-LM, Khandelwal et al. 2020:
+        p = (1 - lambda) p_model + lambda p_memory, here with lambda times the read's own confidence,
+        so "nothing matches" leaves the model's distribution as it is)."""
+        if self.copies:
+            self.copied = torch.sigmoid(self.copy_gate(h)) * self._per_byte(parts, parts["attn"][-1])[..., :PAD]
         gate = torch.sigmoid(self.gate(h))
         if self.observe:
             slot = self.slot_of_entries(h.device)[parts["stored_idx"]]  # (b n k)
@@ -289,14 +300,16 @@ class EpisodicMemory(Memory):
         """For analysis: (b n C 257) the attention mass each read channel (0: learned temperature,
         1: sharp) puts on each byte id after each position of one segment, and the parts."""
         parts = self._segment_parts(seg, state)
-        b, n, k = parts["stored_ids"].shape
+        return torch.stack([self._per_byte(parts, a) for a in parts["attn"]], dim=2), parts
+
+    @staticmethod
+    def _per_byte(parts: dict, attn: Tensor) -> Tensor:
+        """(b n 257) one channel's attention (b n e) summed per byte id its entries carry."""
         ids = parts["stored_ids"]
+        b, n, _ = ids.shape
         if parts["local_ids"] is not None:
             ids = torch.cat([ids, parts["local_ids"][:, None].expand(b, n, -1)], dim=-1)
-        per_byte = torch.zeros(b, n, len(parts["attn"]), PAD + 1, device=ids.device)
-        for c, attn in enumerate(parts["attn"]):
-            per_byte[:, :, c].scatter_add_(2, ids, attn)
-        return per_byte, parts
+        return attn.new_zeros(b, n, PAD + 1).scatter_add(2, ids, attn)
 
     def _segment_parts(self, seg: Segment, state: State) -> dict:
         """`_attend` for every position of one segment, its window being the segment itself."""
@@ -352,12 +365,16 @@ class EpisodicMemory(Memory):
         pos = torch.tensor([lo + j for lo in starts for j in range(n)], device=ids.device)  # (S*n)
         q = kw.index_select(1, pos)  # (b S*n dk)
         if self.cfg.topk == 0 or k == 0:  # dense (or nothing stored before any segment): segment by segment
-            reads, tables = [], self._tables()
+            tables, hs, reads, copied = self._tables(), h.view(b, S, n, -1), [], []
             for s, lo in enumerate(starts):
                 win = q[:, s * n:(s + 1) * n]
                 prefix = {"keys": kw[:, :lo], "bytes": bytes_[:, :lo], "score": kw.new_zeros(b, lo).masked_fill(targets[:, :lo] < 0, -math.inf)}
-                reads.append(self._mix(self._attend(win, win, ids[:, lo:lo + n], self._stored(win, prefix)), tables))
-            return self._gated(h, torch.stack(reads, dim=1).flatten(0, 1), {})  # episode-major, as h
+                parts = self._attend(win, win, ids[:, lo:lo + n], self._stored(win, prefix))
+                reads.append(self._gated(hs[:, s], self._mix(parts, tables), parts))
+                copied.append(self.copied)
+            if self.copies:
+                self.copied = torch.stack(copied, dim=1).flatten(0, 1)
+            return torch.stack(reads, dim=1).flatten(0, 1)  # episode-major, as h
         with torch.no_grad():  # which k entries: segment by segment, each against its own prefix
             best = [_topk_padded(torch.bmm(q[:, s * n:(s + 1) * n], kw[:, :lo].transpose(1, 2))
                                  .masked_fill_((targets[:, None, :lo] < 0), -math.inf), k)
@@ -368,7 +385,26 @@ class EpisodicMemory(Memory):
         per_seg = lambda t: t.reshape(b * S, n, *t.shape[2:])  # noqa: E731  (b S*n ...) -> (b*S n ...)
         win_bytes = ids.index_select(1, pos)
         parts = self._attend(per_seg(q), per_seg(q), per_seg(win_bytes), (per_seg(cos), per_seg(i), per_seg(st_ids)))
-        return self._gated(h, self._mix(parts), {})  # episode-major, as h
+        if self.cfg.keep and torch.is_grad_enabled():
+            self.aux_loss = self._keep_loss(h, parts["attn"][-1][..., :k].reshape(b, S * n, k), i, starts, n, targets)
+        return self._gated(h, self._mix(parts), parts)  # episode-major, as h
+
+    def _keep_loss(self, h: Tensor, attn: Tensor, idx: Tensor, starts: list[int], n: int, targets: Tensor) -> Tensor:
+        """The keep head's loss: for each position of a scored segment before the last, how much
+        sharp-read attention (b S*n k over stream positions idx) later segments paid its entry,
+        capped at 1, as the target of a logistic score of its (detached) hidden state. Retention
+        never acts in training (nothing is evicted), so this teaches which entries are worth
+        keeping without changing anything else the model learns. (Top-k reads only: a dense read
+        trains no keep head.)"""
+        b, L = targets.shape
+        mass = attn.new_zeros(b, L).scatter_add_(1, idx.flatten(1), attn.detach().flatten(1))  # (b L)
+        S = len(starts)
+        pos = torch.tensor([lo + j for lo in starts[:-1] for j in range(n)], device=h.device)
+        target = mass.index_select(1, pos).clamp(max=1.0)  # (b (S-1)*n)
+        known = (targets.index_select(1, pos) >= 0).float()  # an unknown next byte is never stored
+        logit = self.keep_head(h.detach().view(b, S, n, -1)[:, :-1].reshape(b, (S - 1) * n, -1)).squeeze(-1)
+        loss = F.binary_cross_entropy_with_logits(logit, target, weight=known, reduction="sum")
+        return loss / known.sum().clamp(min=1)
 
     # --- writing -------------------------------------------------------------------------------
     def retention_score(self, surprise: Tensor) -> Tensor:
@@ -384,7 +420,10 @@ class EpisodicMemory(Memory):
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
         b, n = seg.ids.shape
         M, dk = self.size, self.cfg.key_dim
-        score = self.retention_score(surprise).masked_fill(seg.targets < 0, -math.inf)
+        score = self.retention_score(surprise)
+        if self.cfg.keep:
+            score = score + self.cfg.keep * torch.sigmoid(self.keep_head(h)).squeeze(-1)
+        score = score.masked_fill(seg.targets < 0, -math.inf)
         k = min(self.per_write, n, M)
         new_score, pos = score.topk(k, dim=1)  # (b k) offered entries, most surprising first
         new_keys = self.context_keys(seg).gather(1, pos[..., None].expand(-1, -1, dk))

@@ -1,0 +1,141 @@
+"""The miss analysis, the copy mixture and the learned keep score.
+
+- `with_copy` gives a distribution; nothing copied leaves the model's own; copied mass is a floor.
+- `EpisodicMemory.holds` finds an entry written with the text and not one never written.
+- With the copy on, an exact stored context decides the output even in an untrained model.
+- The learned keep score decides retention where surprise ties; its loss trains the keep head alone.
+- `misses.classify`: with nothing written, no miss is "not kept" or "not read" (the text never held
+  the context); a memory written with the very rests (nothing evicted) never reports "not in text"
+  or "not kept". Counts add up to the misses.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from imm_cli.config import MemoryConfig, ModelConfig
+from imm_cli.experiments import misses, probe
+from imm_cli.memory import Segment
+from imm_cli.model import GPT, with_copy
+from imm_cli.train import episode_loss
+
+
+def tiny(seed: int = 0, **memory) -> GPT:
+    torch.manual_seed(seed)
+    return GPT(ModelConfig(block_size=64, n_layer=2, n_head=2, n_embd=32,
+                           memory=MemoryConfig(key_dim=16, size=512, **memory))).eval()
+
+
+def test_with_copy_is_a_mixture():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 3, 256, generator=g)
+    none = torch.zeros(2, 3, 256)
+    torch.testing.assert_close(with_copy(logits, none), torch.log_softmax(logits, -1))
+    copied = torch.zeros(2, 3, 256)
+    copied[..., 7] = 0.6  # the memory proposes byte 7 with weight 0.6
+    p = with_copy(logits, copied).exp()
+    torch.testing.assert_close(p.sum(-1), torch.ones(2, 3))
+    assert (p[..., 7] >= 0.6).all()
+    assert torch.allclose(p[..., 8], torch.softmax(logits, -1)[..., 8] * 0.4)
+
+
+def test_holds_what_was_written_only():
+    model = tiny()
+    text = b"The quick brown fox jumps over the lazy dog, twice over."
+    state, _ = probe.write_text(model, model.init_state(1), probe.as_ids([text], "cpu"))
+    ids = probe.as_ids([text[:30]], "cpu")  # context ending at byte 29, whose next byte is text[30]
+    assert bool(model.memory.holds(state, ids, torch.tensor([text[30]]))[0])
+    assert not bool(model.memory.holds(state, ids, torch.tensor([ord("#")]))[0])
+    other = probe.as_ids([b"A sentence that was never written here."], "cpu")
+    assert not bool(model.memory.holds(state, other, torch.tensor([ord(" ")]))[0])
+
+
+def _rows(model: GPT):
+    rests = [b" went to the market on Tuesday.", b" sings in the choir every Sunday.", b" has three green boats."]
+    prompts = probe.as_ids([b"Zorvak Tennel", b"Quibel Harrow", b"Mendrik Olsen"], "cpu")
+    return prompts, rests
+
+
+def test_nothing_written_means_never_held():
+    model = tiny()
+    prompts, rests = _rows(model)
+    state = model.init_state(3)
+    gen = probe.complete(model, state, prompts, max(len(r) for r in rests))
+    out = misses.classify(model, state, prompts, rests, gen, [b""])
+    assert out["rows"] == 3 and out["misses"] == sum(out["causes"].values())
+    assert out["misses"] == sum(not g.startswith(r) for g, r in zip(gen, rests))
+    assert out["misses"] > 0  # an untrained model misses
+    assert out["causes"]["not_kept"] == out["causes"]["not_read"] == 0
+    assert all(e["cause"] in ("window", "outvoted", "not_in_text") for e in out["examples"])
+
+
+def _written(model: GPT):
+    prompts, rests = _rows(model)
+    texts = [bytes(p.tolist()) + r for p, r in zip(prompts, rests)]  # each row's memory holds its own fact
+    state, _ = probe.write_text(model, model.init_state(3), probe.as_ids([t.ljust(64) for t in texts], "cpu"))
+    gen = probe.complete(model, state, prompts, max(len(r) for r in rests))
+    return state, prompts, rests, texts, gen
+
+
+def test_misses_with_everything_written_are_not_retention():
+    model = tiny(1, copy=False)  # the read alone: an untrained model's residual update rarely decides
+    state, prompts, rests, texts, gen = _written(model)
+    out = misses.classify(model, state, prompts, rests, gen, texts)
+    assert out["misses"] == sum(not g.startswith(r) for g, r in zip(gen, rests)) > 0
+    assert out["causes"]["not_in_text"] == out["causes"]["not_kept"] == 0
+    merged = misses.merge([out, out])
+    assert merged["misses"] == 2 * out["misses"] and merged["rows"] == 6
+
+
+def test_copy_lets_an_exact_context_decide():
+    """With the copy on, an exact stored context outvotes the model even untrained: the sharp read
+    puts ~all its mass on the entry, and the copy weight (0.5 at initialisation) carries it to the output."""
+    model = tiny(1, copy=True)
+    state, prompts, rests, texts, gen = _written(model)
+    assert [g[:len(r)] for g, r in zip(gen, rests)] == rests
+    assert misses.classify(model, state, prompts, rests, gen, texts)["misses"] == 0
+    with model.memory_mode(ablated=True):  # the same model without its memory does not know the facts
+        assert probe.complete(model, state, prompts, max(len(r) for r in rests)) != gen
+
+
+def test_keep_score_decides_what_stays():
+    """With --memory-keep, an entry's retention score adds the keep head's score: entries the head
+    marks stay in a full budget over equally surprising ones."""
+    torch.manual_seed(0)
+    mem = GPT(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32,
+                          memory=MemoryConfig(key_dim=16, size=8, keep=5.0))).memory
+    with torch.no_grad():  # the head marks positions whose hidden state has feature 0 set
+        mem.keep_head.weight.zero_()
+        mem.keep_head.weight[0, 0] = 20.0
+        mem.keep_head.bias.fill_(-10.0)
+    ids = torch.randint(97, 123, (1, 32))
+    seg = Segment(ids=ids, prev=ids[:, :0], targets=torch.randint(97, 123, (1, 32)))
+    h = torch.zeros(1, 32, 32)
+    marked = [3, 7, 11, 12, 20, 25, 28, 30]
+    h[0, marked, 0] = 1.0
+    state = mem.write(h, seg, mem.init_state(1), torch.full((1, 32), 2.0))  # every byte equally surprising
+    kept = sorted(seg.targets[0, marked].tolist())
+    assert sorted(state["bytes"][0].tolist()) == kept
+    assert torch.isfinite(state["score"]).all()
+
+
+def test_keep_loss_trains_only_the_keep_head():
+    """The keep head's loss reaches the keep head alone (it reads detached hidden states), and the
+    reported loss is the language-model loss unchanged."""
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, memory=MemoryConfig(key_dim=16, keep=1.0)))
+    x, y = torch.randint(97, 101, (2, 4, 32)), torch.randint(97, 101, (2, 4, 32))
+    loss, _ = episode_loss(model, x, y)
+    loss.backward()
+    with_aux = {n: p.grad.clone() for n, p in model.named_parameters()}
+    model.zero_grad(set_to_none=True)
+    out = model.episode(x, y)
+    assert out.aux_loss is not None and float(out.aux_loss.detach()) > 0
+    torch.testing.assert_close(out.loss, loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        if "keep_head" in name:
+            assert p.grad is None or p.grad.abs().sum() == 0
+            assert with_aux[name].abs().sum() > 0
+        else:
+            torch.testing.assert_close(with_aux[name], p.grad, msg=name)
