@@ -471,7 +471,9 @@ def _chosen_cosines(q: Tensor, keys: Tensor, best: Tensor, idx: Tensor) -> Tenso
     (-inf where the selection found nothing: `best` is -inf)."""
     b, M, _ = keys.shape
     chosen = _rows(keys.flatten(0, 1), idx + M * torch.arange(b, device=idx.device)[:, None, None])  # (b n k dk)
-    return torch.einsum("bnd,bnkd->bnk", q, chosen).masked_fill(torch.isneginf(best), -math.inf)
+    # broadcast multiply and sum, not einsum: einsum's backward is a batched matmul of tiny (dk x 1)
+    # by (1 x k) outer products (the whole read measured about 6% faster this way)
+    return (q[:, :, None] * chosen).sum(-1).masked_fill(torch.isneginf(best), -math.inf)
 
 
 def _topk_padded(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
