@@ -254,6 +254,11 @@ def test_recall_command(tiny_runs, kind, placement, tmp_path):
     assert set(doc["summary"]) == {"memory", "fresh", "other_facts"}
     assert doc["settings"]["placement"] == placement
     assert doc["context_influence"]["mean_kl_rest"] >= 0
+    m = doc["misses"]  # one cause per miss of the memory condition
+    assert m["rows"] == 16 and m["misses"] == sum(not f["exact"] for f in doc["facts"]) == sum(m["causes"].values())
+    if kind == "linformer":  # no exact entries: never "not in text" or "not kept"
+        assert m["causes"]["not_in_text"] == m["causes"]["not_kept"] == 0
+    assert "why the memory missed" in r.stderr
     assert (out / "context_influence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "recall.json").is_file()
 

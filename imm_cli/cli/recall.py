@@ -11,6 +11,7 @@ from rich.table import Table
 from imm_cli import runs
 from imm_cli.cli.common import _clean, console, handle_errors, mark_outputs, print_json, safe
 from imm_cli.cli.store import FORCE_HELP, open_with_facts
+from imm_cli.experiments.misses import summary_line
 from imm_cli.experiments.recall import run_recall
 
 RECALL_FILES = ("recall.json", "context_influence.png")
@@ -66,4 +67,6 @@ def _print(r: dict) -> None:
     ci = r["context_influence"]
     console.print(f"context influence, KL(read on || read off): {ci['mean_kl_rest']:.3f} nats/byte on the facts' rests, "
                   f"{ci['mean_kl_prompt']:.3f} on the prompts")
+    if r.get("misses"):
+        console.print(f"why the memory missed: {summary_line(r['misses'])}")
     console.print(safe(f"verdict: {r['verdict']}  ({r['seconds']:.1f} s)"))

@@ -5,12 +5,14 @@ byte is the target. One cause per miss, the first that holds:
   window       the model, run teacher-forced on that context's last window, predicts the right
                byte: the miss came from generation re-priming its window (not from the memory);
   outvoted     the memory's read raised the right byte (at least doubled its probability over the
-               same model with the read switched off), yet the model preferred another byte;
+               same model with the read switched off, and raised it more than the byte chosen),
+               yet the model preferred another byte;
   not_in_text  the written text never held this context followed by the byte, as far back as the
                memory's exact entries are keyed (`Memory.exact_context` bytes): the cue's
                surroundings, or the rest so far, differ from the fact's within the key's reach;
   not_kept     the written text held it, but the memory no longer holds that entry (retention);
-  not_read     the memory holds it, but its read did not raise the byte (another entry, or
+  not_read     the memory holds it, but its read did not raise the byte, or raised the chosen
+               wrong byte more (another entry, e.g. another fact's with a similar context, or
                "nothing matches", won the read).
 Memories without exact entries (`exact_context` None) stop at "not_read", which then also
 covers what the two before it would say.
@@ -60,9 +62,11 @@ def classify(model: GPT, state: dict, prompts: torch.Tensor, rests: list[bytes],
         with_read = model(x, state=row, prev=prev, write=False).logits[0, -1].log_softmax(-1)
         with model.memory_mode(ablated=True):
             without = model(x, state=row, prev=prev, write=False).logits[0, -1].log_softmax(-1)
-        if int(with_read.argmax()) == target:
+        chosen = int(with_read.argmax())
+        gain = with_read - without  # what the read did to each byte's log-probability
+        if chosen == target:
             cause = "window"
-        elif float(with_read[target] - without[target]) >= RAISED:
+        elif float(gain[target]) >= RAISED and float(gain[target]) > float(gain[chosen]):
             cause = "outvoted"
         elif K is None:
             cause = "not_read"
@@ -79,6 +83,12 @@ def classify(model: GPT, state: dict, prompts: torch.Tensor, rests: list[bytes],
                              "cause": cause, "p_with_read": math.exp(float(with_read[target])),
                              "p_without_read": math.exp(float(without[target]))})
     return {"misses": sum(counts.values()), "rows": len(rests), "causes": counts, "examples": examples}
+
+
+def summary_line(m: dict) -> str:
+    """One line: how many rows missed, and the count of each cause that occurred."""
+    causes = ", ".join(f"{c.replace('_', ' ')} {m['causes'][c]}" for c in CAUSES if m["causes"][c])
+    return f"{m['misses']} of {m['rows']} missed" + (f" (at the first wrong byte: {causes})" if causes else "")
 
 
 def merge(parts: list[dict]) -> dict:

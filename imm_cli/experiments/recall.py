@@ -9,6 +9,7 @@ Controls, same prompts: a fresh memory, and a memory written the same way with t
 facts only (fact i is never in it): both cannot recall fact i.
 Context influence: KL(p_read_on || p_read_off) of the next-byte distributions, memory written,
 read on vs ablated, at every position of prompt + true rest (how much the memory moves predictions).
+Misses: each miss of the memory condition classified at its first wrong byte (experiments.misses).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import numpy as np
 import torch
 
 from imm_cli.errors import InputError
-from imm_cli.experiments import probe
+from imm_cli.experiments import misses, probe
 from imm_cli.facts import Fact
 from imm_cli.model import GPT
 
@@ -39,6 +40,7 @@ class RecallResult:
     seconds: float = 0.0
     verdict: str = ""
     extra: dict = field(default_factory=dict)
+    misses: dict = field(default_factory=dict)  # why the memory condition missed (experiments.misses)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -73,9 +75,10 @@ def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, c
 
     def write(fs: list[Fact]):
         shown = shown_text(text, fs, placement, rng)
-        return probe.write_text(model, model.init_state(1, device), probe.as_ids([shown], device))[0], len(shown)
+        return probe.write_text(model, model.init_state(1, device), probe.as_ids([shown], device))[0], shown
 
-    written, n_shown = write(facts)
+    written, shown = write(facts)
+    n_shown = len(shown)
     half = (N + 1) // 2  # the other-facts control: fact i's memory holds only the half without it
     halves = [write(facts[half:])[0], write(facts[:half])[0]]
     other = {k: torch.cat([halves[0][k].repeat_interleave(half, 0), halves[1][k].repeat_interleave(N - half, 0)])
@@ -88,6 +91,8 @@ def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, c
         sc = probe.score_rests(model, st, prompts, rests)
         gen = probe.complete(model, st, prompts, max(len(r) for r in rests))
         per[name] = {"scores": sc, "generated": gen, "exact": probe.exact_matches(gen, rests)}
+    why = misses.classify(model, states["memory"], prompts, rests, per["memory"]["generated"], [shown],
+                          [f.cue for f in facts])
 
     with model.memory_mode(ablated=True):
         off = probe.score_rests(model, states["memory"], prompts, rests)
@@ -141,5 +146,5 @@ def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, c
         settings={"seed": seed, "context": context, "facts": N, "bytes_shown": n_shown, "placement": placement},
         model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": B},
         facts=rows, summary=summary, context_influence=ctx,
-        seconds=time.perf_counter() - t0, verdict=verdict,
+        seconds=time.perf_counter() - t0, verdict=verdict, misses=why,
     )
