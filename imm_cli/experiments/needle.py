@@ -92,7 +92,10 @@ def _fits_in_window(model: GPT, f: Fact, r_max: int) -> bool:
 
 
 @torch.no_grad()
-def _evaluate(model: GPT, state, prompts: torch.Tensor, rests: list[bytes], with_rank: bool = True) -> dict:
+def _evaluate(model: GPT, state, prompts: torch.Tensor, rests: list[bytes], with_rank: bool = True,
+              written: list[bytes] | None = None, cues: list[str] | None = None) -> dict:
+    """Scores of one condition; with `written` (the texts its memory was written with, or one for
+    every row), also why each miss happened (experiments.misses)."""
     scores = probe.score_rests(model, state, prompts, rests)
     gen = probe.complete(model, state, prompts, max(len(r) for r in rests))
     out = {
@@ -103,6 +106,8 @@ def _evaluate(model: GPT, state, prompts: torch.Tensor, rests: list[bytes], with
     }
     if with_rank:
         out["recall_at_1"] = probe.recall_at_1(model, state, prompts, rests).cpu().tolist()
+    if written is not None:
+        out["misses"] = misses.classify(model, state, prompts, rests, gen, written, cues)
     return out
 
 
@@ -132,9 +137,7 @@ def run_trial(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings
     hay = [probe.haystack(text, f, s.length, s.depth, rng, placement) for f in facts]
     prompts = _prompts(text, facts, P, rng, placement, device)
     written = _write_haystacks(model, hay, device)
-    mem = _evaluate(model, written, prompts, rests)
-    mem["misses"] = misses.classify(model, written, prompts, rests, mem["generated"], hay, [f.cue for f in facts])
-    out = {"memory": mem,
+    out = {"memory": _evaluate(model, written, prompts, rests, written=hay, cues=[f.cue for f in facts]),
            "fresh": _evaluate(model, model.init_state(N, device), prompts, rests),
            "other_facts": _evaluate(model, _rotate(written), prompts, rests)}
     r_max = max(len(r) for r in rests)
@@ -224,9 +227,10 @@ def distance(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings)
         if fresh is None:  # the fresh memory does not depend on the haystack: measured once
             fresh = _curve_point(_evaluate(model, model.init_state(len(facts), device), prompts, rests, with_rank=False))
         for cond, st in (("memory", written), ("other_facts", _rotate(written))):
-            r = _evaluate(model, st, prompts, rests, with_rank=False)
-            if cond == "memory":
-                res["misses"].append(misses.classify(model, st, prompts, rests, r["generated"], hay, [f.cue for f in facts]))
+            r = _evaluate(model, st, prompts, rests, with_rank=False, written=hay if cond == "memory" else None,
+                          cues=[f.cue for f in facts])
+            if "misses" in r:
+                res["misses"].append(r["misses"])
             em, ca = _curve_point(r)
             res[cond]["exact_match"].append(em)
             res[cond]["char_accuracy"].append(ca)
@@ -271,10 +275,10 @@ def document(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings)
         states = {c: probe.repeat_state(model, _write_haystacks(model, [d], device), n) for c, d in docs.items()}
         states["fresh"] = model.init_state(n, device)
         for cond, st in states.items():
-            r = _evaluate(model, st, prompts, rests, with_rank=False)
-            if cond == "memory":
-                res["misses"].append(misses.classify(model, st, prompts, rests, r["generated"], [docs[cond]],
-                                                        [f.cue for f in used]))
+            r = _evaluate(model, st, prompts, rests, with_rank=False,
+                          written=[docs[cond]] if cond == "memory" else None, cues=[f.cue for f in used])
+            if "misses" in r:
+                res["misses"].append(r["misses"])
             em, ca = _curve_point(r)
             res[cond]["exact_match"].append(em)
             res[cond]["char_accuracy"].append(ca)

@@ -386,11 +386,11 @@ class EpisodicMemory(Memory):
         win_bytes = ids.index_select(1, pos)
         parts = self._attend(per_seg(q), per_seg(q), per_seg(win_bytes), (per_seg(cos), per_seg(i), per_seg(st_ids)))
         if self.cfg.keep and torch.is_grad_enabled():
-            self.aux_loss = self._keep_loss(h, parts["attn"][-1][..., :k].reshape(b, S * n, k), i, starts, n, targets)
+            self.aux_loss = self._keep_loss(h, parts["attn"][-1][..., :k].reshape(b, S * n, k), i, pos[:(S - 1) * n], targets)
         return self._gated(h, self._mix(parts), parts)  # episode-major, as h
 
-    def _keep_loss(self, h: Tensor, attn: Tensor, idx: Tensor, starts: list[int], n: int, targets: Tensor) -> Tensor:
-        """The keep head's loss: for each position of a scored segment before the last, how much
+    def _keep_loss(self, h: Tensor, attn: Tensor, idx: Tensor, pos: Tensor, targets: Tensor) -> Tensor:
+        """The keep head's loss: for each position `pos` of a scored segment before the last, how much
         sharp-read attention (b S*n k over stream positions idx) later segments paid its entry,
         capped at 1, as the target of a logistic score of its (detached) hidden state. Retention
         never acts in training (nothing is evicted), so this teaches which entries are worth
@@ -398,11 +398,10 @@ class EpisodicMemory(Memory):
         trains no keep head.)"""
         b, L = targets.shape
         mass = attn.new_zeros(b, L).scatter_add_(1, idx.flatten(1), attn.detach().flatten(1))  # (b L)
-        S = len(starts)
-        pos = torch.tensor([lo + j for lo in starts[:-1] for j in range(n)], device=h.device)
-        target = mass.index_select(1, pos).clamp(max=1.0)  # (b (S-1)*n)
+        target = mass.index_select(1, pos).clamp(max=1.0)  # (b P)
         known = (targets.index_select(1, pos) >= 0).float()  # an unknown next byte is never stored
-        logit = self.keep_head(h.detach().view(b, S, n, -1)[:, :-1].reshape(b, (S - 1) * n, -1)).squeeze(-1)
+        # h is episode-major (b*S n d): each episode's first P positions are those segments
+        logit = self.keep_head(h.detach().view(b, -1, h.shape[-1])[:, :len(pos)]).squeeze(-1)
         loss = F.binary_cross_entropy_with_logits(logit, target, weight=known, reduction="sum")
         return loss / known.sum().clamp(min=1)
 
