@@ -175,6 +175,7 @@ CASES: list[Case] = [
     Case("train:memory-temp-0", lambda c: train(c, "--memory-temp", "0")),
     Case("train:memory-lr-2", lambda c: train(c, "--memory-lr", "2")),
     Case("train:memory-key-dim-0", lambda c: train(c, "--memory-key-dim", "0")),
+    Case("train:memory-knn-lm-1", lambda c: train(c, "--memory-knn-lm", "1"), expect=("--memory-knn-lm",)),
     Case("train:memory-value-dim-negative", lambda c: train(c, "--memory-value-dim", "-1")),
     Case("train:heads-not-dividing-embd", lambda c: train(c, "--heads", "3", "--embd", "32")),
     Case("train:lr-0", lambda c: train(c, "--lr", "0")),
@@ -361,6 +362,8 @@ for _cmd in FACT_COMMANDS:
         Case(f"{_cmd}:facts-directory", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.dir("fdir")]),
         Case(f"{_cmd}:facts-only-comments", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", "# nothing\n\n")]),
         Case(f"{_cmd}:facts-dangling-symlink", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.dangling()]),
+        Case(f"{_cmd}:knn-lm-1", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-lm", "1"), expect=("--knn-lm",)),
+        Case(f"{_cmd}:knn-lm-negative", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-lm", "-0.1"), expect=("--knn-lm",)),
     ]
 
 

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from imm_cli.config import MemoryConfig, ModelConfig
@@ -21,7 +22,9 @@ from imm_cli.train import episode_loss
 
 
 def tiny(seed: int = 0, **memory) -> GPT:
+    """An untrained model; without the kNN-LM mix unless asked (its read alone, the model's own output)."""
     torch.manual_seed(seed)
+    memory = {"knn_lm": 0.0, **memory}
     return GPT(ModelConfig(block_size=64, n_layer=2, n_head=2, n_embd=32,
                            memory=MemoryConfig(key_dim=16, size=512, **memory))).eval()
 
@@ -96,6 +99,43 @@ def test_copy_lets_an_exact_context_decide():
     assert misses.classify(model, state, prompts, rests, gen, texts)["misses"] == 0
     with model.memory_mode(ablated=True):  # the same model without its memory does not know the facts
         assert probe.complete(model, state, prompts, max(len(r) for r in rests)) != gen
+
+
+def test_knn_lm_mixes_at_inference_only():
+    """The fixed kNN-LM weight (--memory-knn-lm): in eval mode an exact stored context decides the
+    output even untrained; in training mode (and with the weight 0) the output is the model's own,
+    so training never learns to lean on the mix (the learned --memory-copy did, measured)."""
+    from imm_cli.experiments.setup import set_knn_lm
+
+    model = tiny(1, knn_lm=0.2)
+    state, prompts, rests, texts, gen = _written(model)
+    assert [g[:len(r)] for g, r in zip(gen, rests)] == rests
+    assert misses.classify(model, state, prompts, rests, gen, texts)["misses"] == 0
+    seg_ids = prompts[:, -8:]
+    logits = {}
+    for name, train, weight in (("eval", False, 0.2), ("train", True, 0.2), ("off", False, 0.0)):
+        set_knn_lm(model, weight)
+        model.train(train)
+        assert model.memory.copies == (name == "eval")
+        with torch.no_grad():
+            logits[name] = model(seg_ids, state=state).logits
+    model.eval()
+    torch.testing.assert_close(logits["train"], logits["off"])  # no dropout: train and eval differ by the mix alone
+    assert not torch.allclose(logits["eval"], logits["off"])
+    set_knn_lm(model, 0.0)
+    assert probe.complete(model, state, prompts, max(len(r) for r in rests)) != gen  # the same model, its own output
+
+
+def test_knn_lm_override_needs_the_episodic_memory():
+    from imm_cli.errors import InputError
+    from imm_cli.experiments.setup import set_knn_lm
+
+    torch.manual_seed(0)
+    lin = GPT(ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, memory=MemoryConfig(kind="linformer")))
+    with pytest.raises(InputError, match="only the episodic memory"):
+        set_knn_lm(lin, 0.2)
+    with pytest.raises(InputError, match=r"\[0, 1\)"):
+        set_knn_lm(tiny(), 1.0)
 
 
 def test_keep_score_decides_what_stays():

@@ -89,18 +89,22 @@ def test_whole_episode_forward_equals_sequential_loop_with_copy(topk):
 
 
 def test_ngram_key_gradient_equals_embedding_bag():
-    """The n-gram keys' hand-written backward (one index_add_) gives embedding_bag's gradient."""
-    from imm_cli.memory.episodic import _NGramBag
+    """The n-gram keys' hand-written backward (one index_add_ per offset, the normalisation fused in)
+    gives the gradient of F.normalize(embedding_bag), and the same values."""
+    from imm_cli.memory.episodic import _NGramKey
 
+    F = torch.nn.functional
     g = torch.Generator().manual_seed(0)
     table = torch.randn(4 * 257, 8, generator=g, dtype=torch.float64, requires_grad=True)
     idx = torch.randint(0, 257, (50, 4), generator=g) + torch.arange(4) * 257
     idx[3] = idx[7]  # repeated rows and repeated indices accumulate
-    assert torch.autograd.gradcheck(lambda t: _NGramBag.apply(t, idx), (table,))
+    assert torch.autograd.gradcheck(lambda t: _NGramKey.apply(t, idx), (table,))
     out = torch.randn(50, 8, generator=g, dtype=torch.float64)
-    ref = torch.autograd.grad(torch.nn.functional.embedding_bag(idx, table, mode="sum"), table, out)[0]
-    ours = torch.autograd.grad(_NGramBag.apply(table, idx), table, out)[0]
-    torch.testing.assert_close(ours, ref)
+    ref_keys = F.normalize(F.embedding_bag(idx, table, mode="sum"), dim=-1)
+    ref = torch.autograd.grad(ref_keys, table, out)[0]
+    keys = _NGramKey.apply(table, idx)
+    torch.testing.assert_close(keys, ref_keys, rtol=0, atol=0)
+    torch.testing.assert_close(torch.autograd.grad(keys, table, out)[0], ref)
 
 
 def test_whole_episode_reads_what_was_written():

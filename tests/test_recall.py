@@ -258,6 +258,7 @@ def test_recall_command(tiny_runs, kind, placement, tmp_path):
     assert m["rows"] == 16 and m["misses"] == sum(not f["exact"] for f in doc["facts"]) == sum(m["causes"].values())
     if kind == "linformer":  # no exact entries: never "not in text" or "not kept"
         assert m["causes"]["not_in_text"] == m["causes"]["not_kept"] == 0
+    assert doc["model"]["knn_lm"] == (0.2 if kind == "episodic" else None)  # the run's own (the default)
     assert "why the memory missed" in r.stderr
     assert (out / "context_influence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "recall.json").is_file()
@@ -297,6 +298,16 @@ def test_needle_command(tiny_runs, tmp_path):
     assert "why the memory missed" in r.stderr
     for name in ("needle.json", "needle_heatmap.png", "capacity.png", "distance.png"):
         assert (out / name).is_file()
+    assert doc["model"]["knn_lm"] == 0.2
+
+
+def test_knn_lm_override_is_recorded(tiny_runs, tmp_path):
+    """`--knn-lm 0` measures the same run without the kNN-LM mix; the JSON says which was measured."""
+    r = runner.invoke(app, ["recall", "--run", str(tiny_runs["episodic"]), "--facts", "examples/facts.txt",
+                            "--out", str(tmp_path / "o"), "--knn-lm", "0", "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["model"]["knn_lm"] == 0.0
+    assert json.loads((tiny_runs["episodic"] / "config.json").read_text())["model"]["memory"]["knn_lm"] == 0.2  # the run is untouched
 
 
 def test_facts_longer_than_the_window_are_measured(tiny_runs, tmp_path):

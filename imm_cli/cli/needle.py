@@ -11,7 +11,7 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import _clean, console, handle_errors, mark_outputs, parse_list, print_json, safe
-from imm_cli.cli.store import FORCE_HELP, open_with_facts
+from imm_cli.cli.store import FORCE_HELP, KNN_LM_HELP, open_with_facts
 from imm_cli.errors import InputError
 from imm_cli.experiments.misses import CAUSES
 from imm_cli.experiments.needle import CONDITIONS, NeedleSettings, check_settings, run_needle
@@ -40,6 +40,7 @@ def needle(
     seed: int = typer.Option(D.seed, help="Seed of haystacks and test contexts."),
     out: Optional[Path] = typer.Option(None, help="Folder for needle.json and the plots [default: the run folder]."),
     device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
+    knn_lm: Optional[float] = typer.Option(None, "--knn-lm", help=KNN_LM_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
@@ -54,7 +55,7 @@ def needle(
     if not 1 <= trials <= MAX_TRIALS:
         raise InputError(f"--trials must be between 1 and {MAX_TRIALS} (got {trials})")
     check_settings(settings, load_facts(facts) if facts.is_file() else [])
-    with open_with_facts(run, facts, out, "needle", NEEDLE_FILES, force, device, seed) as (out_dir, model, text, fact_list):
+    with open_with_facts(run, facts, out, "needle", NEEDLE_FILES, force, device, seed, knn_lm) as (out_dir, model, text, fact_list):
         with console.status("needle: writing haystacks and testing recall"):
             result = run_needle(model, fact_list, text, settings)
         doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}

@@ -28,6 +28,8 @@ RANDOM_HELP = "Uniform random bytes instead of the validation text (the notes' o
 SEED_HELP = "Seed of the start in the validation split, the random tokens and the random control."
 OUT_HELP = "Folder for the plots and the JSON result [default: the run folder]."
 FORCE_HELP = "Replace files of the same names in --out that imm did not write."
+KNN_LM_HELP = ("Mix the episodic memory's sharp read into the output with this fixed weight instead of the run's "
+               "(--memory-knn-lm, 0.2 by default; 0 = the model's own distribution alone): inference only.")
 
 
 # --- shared by store and usage ---------------------------------------------------------------------
@@ -47,18 +49,21 @@ def check_out(run: Path, out: Optional[Path], command: str, names: tuple[str, ..
 
 @contextmanager
 def open_with_facts(run: Path, facts: Path, out: Optional[Path], command: str, names: tuple[str, ...], force: bool,
-                    device: str, seed: int):
+                    device: str, seed: int, knn_lm: Optional[float] = None):
     """What recall and needle do first: check the seed, the run, the output folder and the facts file
     before any work; then, holding the output folder, open the run and its facts.
-    Yields (output folder, model, held-out text, facts)."""
-    from imm_cli.experiments.setup import open_facts, open_run
+    Yields (output folder, model, held-out text, facts); `knn_lm` overrides the run's kNN-LM weight."""
+    from imm_cli.experiments.setup import check_knn_lm, open_facts, open_run, set_knn_lm
     from imm_cli.facts import load_facts
 
     check_seed(seed)
+    check_knn_lm(knn_lm)
     out_dir = check_out(run, out, command, names, force)
     load_facts(facts)  # the file and its lines (whether they fit the model: open_facts)
     with holding(out_dir):
         model, _, text = open_run(run, device)
+        if knn_lm is not None:
+            set_knn_lm(model, knn_lm)
         yield out_dir, model, text, open_facts(facts, model)
 
 

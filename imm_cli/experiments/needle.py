@@ -368,7 +368,8 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
     result = NeedleResult(
         settings={**asdict(s), "facts": len(facts)},
         model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": model.cfg.block_size,
-               "memory_size": getattr(model.memory, "size", None), "topk": model.cfg.memory.topk},
+               "memory_size": getattr(model.memory, "size", None), "topk": model.cfg.memory.topk,
+               "knn_lm": model.cfg.memory.knn_lm if model.cfg.memory.kind == "episodic" else None},
         conditions=conditions,
         placements=placements,
         misses=miss,

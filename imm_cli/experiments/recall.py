@@ -144,7 +144,8 @@ def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, c
                    f"character accuracy {m['char_accuracy']:.2f} vs {fr['char_accuracy']:.2f}")
     return RecallResult(
         settings={"seed": seed, "context": context, "facts": N, "bytes_shown": n_shown, "placement": placement},
-        model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": B},
+        model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": B,
+               "knn_lm": model.cfg.memory.knn_lm if model.cfg.memory.kind == "episodic" else None},
         facts=rows, summary=summary, context_influence=ctx,
         seconds=time.perf_counter() - t0, verdict=verdict, misses=why,
     )

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from imm_cli import runs
 from imm_cli.data import load_corpus
+from imm_cli.errors import InputError
 from imm_cli.facts import Fact, load_facts
 from imm_cli.model import GPT
 
@@ -20,6 +22,24 @@ def open_run(run: Path, device: str = "cpu") -> tuple[GPT, dict, np.ndarray]:
     model, cfg = runs.load_run(run, dev)
     corpus = load_corpus(cfg.get("train", {}).get("data"))
     return model, cfg, corpus.val
+
+
+def check_knn_lm(weight: float | None) -> None:
+    """The one range rule for an experiment's kNN-LM weight override (None: the run's own)."""
+    if weight is not None and not 0 <= weight < 1:
+        raise InputError(f"--knn-lm must be in [0, 1) (got {weight})")
+
+
+def set_knn_lm(model: GPT, weight: float) -> None:
+    """Let an experiment mix the episodic memory's sharp read into the output with another fixed
+    weight than the run's (0: the model's own distribution alone): inference only, weights unchanged."""
+    check_knn_lm(weight)
+    if model.memory is None or model.cfg.memory.kind != "episodic":
+        raise InputError("--knn-lm: only the episodic memory proposes next bytes (this run's memory: "
+                         f"{model.cfg.memory.kind if model.memory is not None else 'none'})")
+    mem = replace(model.cfg.memory, knn_lm=weight)
+    model.cfg = replace(model.cfg, memory=mem)
+    model.memory.cfg = mem
 
 
 MAX_FACT_BYTES = 200  # longer than a window is fine: scoring slides, generation re-primes the window

@@ -93,11 +93,16 @@ class EpisodicMemory(Memory):
         if cfg.sharp:  # the sharp read: its own "nothing matches" level and projection, the same values
             self.sharp_null = nn.Parameter(torch.tensor(0.9))
             self.sharp_out = nn.Linear(dv, n_embd, bias=bias)
-        self.copies = cfg.copy
         if cfg.keep:  # a learned keep score: will a later cue read this entry sharply? (trained in read_episode)
             self.keep_head = nn.Linear(n_embd, 1)
         if cfg.copy:  # per position, how much of the sharp read's next-byte distribution the output takes
             self.copy_gate = nn.Linear(n_embd, 1)
+
+    @property
+    def copies(self) -> bool:
+        """Whether a read proposes next bytes for the output: always with the learned `copy` weight,
+        at inference (not in training) with the fixed `knn_lm` weight."""
+        return self.cfg.copy or (self.cfg.knn_lm > 0 and not self.training)
 
     def no_weight_decay(self) -> set[str]:
         return {"key_emb"}  # a lookup table: decay would pull rare bytes' keys towards zero
@@ -120,10 +125,9 @@ class EpisodicMemory(Memory):
         # sum over the K offsets of key_emb[offset, byte], as one embedding bag (no (b n K dk) tensor)
         table, idx = self.key_emb.reshape(K * (PAD + 1), -1), (windows + offsets).reshape(b * n, K)
         if torch.is_grad_enabled() and table.requires_grad:
-            emb = _NGramBag.apply(table, idx)
-        else:  # generation: no autograd.Function overhead per byte
-            emb = F.embedding_bag(idx, table, mode="sum")
-        return F.normalize(emb.view(b, n, -1), dim=-1)
+            return _NGramKey.apply(table, idx).view(b, n, -1)
+        # generation: no autograd.Function overhead per byte
+        return F.normalize(F.embedding_bag(idx, table, mode="sum"), dim=-1).view(b, n, -1)
 
     # --- state ---------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:
@@ -282,12 +286,14 @@ class EpisodicMemory(Memory):
         return read
 
     def _gated(self, h: Tensor, read: Tensor, parts: dict) -> Tensor:
-        """The gated read; with `copy`, also leaves `copied`: the sharp read's mass per next byte
-        (the last channel's), scaled by the learned copy weight (kNN-LM, Khandelwal et al. 2020:
-        p = (1 - lambda) p_model + lambda p_memory, here with lambda times the read's own confidence,
-        so "nothing matches" leaves the model's distribution as it is)."""
+        """The gated read; when it `copies`, also leaves `copied`: the sharp read's mass per next byte
+        (the last channel's), times lambda (kNN-LM, Khandelwal et al. 2020: p = (1 - lambda) p_model
+        + lambda p_memory, here with lambda times the read's own confidence, so "nothing matches"
+        leaves the model's distribution as it is). lambda: the learned copy weight with `copy`, else
+        the fixed `knn_lm`."""
         if self.copies:
-            self.copied = torch.sigmoid(self.copy_gate(h)) * self._per_byte(parts, parts["attn"][-1])[..., :PAD]
+            weight = torch.sigmoid(self.copy_gate(h)) if self.cfg.copy else self.cfg.knn_lm
+            self.copied = weight * self._per_byte(parts, parts["attn"][-1])[..., :PAD]
         gate = torch.sigmoid(self.gate(h))
         if self.observe:
             slot = self.slot_of_entries(h.device)[parts["stored_idx"]]  # (b n k)
@@ -500,22 +506,27 @@ def _read_softmax(cos: Tensor, unseen: Tensor, scales: Tensor, nulls: Tensor) ->
     return torch.softmax(torch.cat([logits, null], dim=-1), dim=-1)[..., :-1]
 
 
-class _NGramBag(torch.autograd.Function):
-    """F.embedding_bag(idx, table, mode="sum") whose backward is one index_add_.
+class _NGramKey(torch.autograd.Function):
+    """F.normalize(F.embedding_bag(idx, table, mode="sum")): unit n-gram keys, with a lean backward.
 
-    The built-in backward sorts the (b*n*K) indices first; with every row of the small key table
-    touched anyway, scattering the gradient rows straight into a dense table is several times faster.
+    The built-in embedding-bag backward sorts the (b*n*K) indices first; with every row of the small
+    key table touched anyway, scattering the gradient rows straight into a dense table is several
+    times faster. The normalisation's backward is fused in (one node instead of norm, clamp, div).
     """
 
     @staticmethod
     def forward(ctx, table: Tensor, idx: Tensor) -> Tensor:
-        ctx.save_for_backward(idx)
+        emb = F.embedding_bag(idx, table, mode="sum")
+        norm = emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
+        unit = emb / norm
+        ctx.save_for_backward(idx, unit, norm)
         ctx.rows = table.shape[0]
-        return F.embedding_bag(idx, table, mode="sum")
+        return unit
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        (idx,) = ctx.saved_tensors
+        idx, unit, norm = ctx.saved_tensors
+        grad = (grad - unit * (grad * unit).sum(-1, keepdim=True)) / norm  # through x / |x|
         out = grad.new_zeros(ctx.rows, grad.shape[1])
         # one offset at a time: consecutive adds land in one offset's 257-row block, and the
         # gradient is not copied K times (measured ~2x faster than position-major order)
