@@ -221,3 +221,22 @@ def test_gap_segments_batched_equal_the_loop(gap):
     # the last segment does read across the gap: without it, its loss changes
     no_gap = model.episode(torch.cat([x[:, :3], x[:, -1:]], 1), torch.cat([y[:, :3], y[:, -1:]], 1))
     assert not torch.allclose(no_gap.token_loss[:, -1], outs[True][1][:, -1], atol=1e-4)
+
+
+def test_tables_kept_for_generation_follow_the_weights():
+    """The projected value tables kept between reads without autograd are recomputed once a weight
+    changes in place (an optimizer step) or is replaced (a load)."""
+    mem = model_for(slots=4, key_bytes=8, key_dim=16).memory
+    fresh = lambda: [mem.value_emb.weight @ out.weight.t() for out in mem._outs()]  # noqa: E731
+    with torch.no_grad():
+        first = mem._tables()
+        assert mem._tables() is first  # kept
+        mem.out.weight.add_(0.5)  # in place, as an optimizer step
+        for a, b in zip(mem._tables(), fresh()):
+            torch.testing.assert_close(a, b)
+    mem.load_state_dict({k: v + 1 for k, v in mem.state_dict().items()})
+    with torch.no_grad():
+        for a, b in zip(mem._tables(), fresh()):
+            torch.testing.assert_close(a, b)
+        assert mem._tables()[0].grad_fn is None  # never an autograd graph kept alive
+    assert mem._tables()[0].grad_fn is not None  # with autograd: computed afresh, so gradients reach the weights

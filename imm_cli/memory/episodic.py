@@ -90,6 +90,7 @@ class EpisodicMemory(Memory):
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.read_temp)))  # learned 1/temperature
         self.null_cos = nn.Parameter(torch.tensor(0.6))  # below this cosine a stored entry loses to "nothing"
         self.gate = nn.Linear(n_embd, 1)
+        self._kept_tables: tuple | None = None  # (weights' identity, tables) for reads without autograd
         if cfg.sharp:  # the sharp read: its own "nothing matches" level and projection, the same values
             self.sharp_null = nn.Parameter(torch.tensor(0.9))
             self.sharp_out = nn.Linear(dv, n_embd, bias=bias)
@@ -258,8 +259,15 @@ class EpisodicMemory(Memory):
 
     def _tables(self) -> list[Tensor]:
         """Per read channel, (257 d): each byte's stored value as the channel projects it
-        (projecting the 257 values once is cheaper than projecting every position's mix)."""
-        return [self.value_emb.weight @ out.weight.t() for out in self._outs()]
+        (projecting the 257 values once is cheaper than projecting every position's mix). Without
+        autograd (generation: one read per byte) they are kept until a weight changes."""
+        weights = [self.value_emb.weight] + [out.weight for out in self._outs()]
+        if torch.is_grad_enabled():
+            return [self.value_emb.weight @ out.weight.t() for out in self._outs()]
+        key = tuple((w.data_ptr(), w._version) for w in weights)  # an optimizer step or a load bumps _version
+        if self._kept_tables is None or self._kept_tables[0] != key:
+            self._kept_tables = (key, [self.value_emb.weight @ out.weight.t() for out in self._outs()])
+        return self._kept_tables[1]
 
     def _mix(self, parts: dict, tables: list[Tensor] | None = None) -> Tensor:
         """(b n d) the read before its gate: summed over the read channels, the attention-weighted
