@@ -215,3 +215,11 @@ def parse_list(text: str, kind, flag: str) -> list:
     if not items:
         raise InputError(f"{flag} is empty")
     return items
+
+
+def knn_label(model: dict) -> str:
+    """', kNN-LM mix 0.2' (or ', no kNN-LM mix') for an experiment's title; '' where the memory has none."""
+    w = model.get("knn_lm")
+    if w is None:
+        return ""
+    return f", kNN-LM mix {w:g}" if w else ", no kNN-LM mix"

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import _clean, console, handle_errors, mark_outputs, parse_list, print_json, safe
+from imm_cli.cli.common import _clean, console, handle_errors, knn_label, mark_outputs, parse_list, print_json, safe
 from imm_cli.cli.store import FORCE_HELP, KNN_LM_HELP, open_with_facts
 from imm_cli.errors import InputError
 from imm_cli.experiments.misses import CAUSES
@@ -133,7 +133,7 @@ def _print(r: dict, files: dict) -> None:
     for place, conds in r["placements"].items():
         console.print(_conditions_table(
             f"needle ({place}): {s['facts']} facts, haystack {s['length']} bytes, depth {s['depth']:g}, {s['trials']} trials "
-            f"({m['memory']}, {m['slots']} slots{size})", conds))
+            f"({m['memory']}, {m['slots']} slots{size}{knn_label(m)})", conds))
     ft = Table(title=f"per fact (first trial, {s['placements'][0]})")
     for col in ("cue", "expected", "memory", "", "fresh memory", "in window"):
         ft.add_column(col)
