@@ -41,6 +41,7 @@ class MemoryConfig:
     size: int = 16384  # episodic, knn: the memory's budget in entries (one entry per written position; knn drops the oldest)
     topk: int = 4  # episodic, knn: stored entries each query reads, the best-matching ones; 0 = all (episodic), 32 (knn)
     span: int = 64  # episodic: retention scores a byte by the mean surprise of it and span // 2 bytes each side (1 = its own)
+    trail: bool = True  # episodic: a byte also scores the mean surprise of the span of bytes up to it, when higher (a fact's last bytes keep its run's score)
     entries: int = 0  # episodic: positions one write offers at most, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
     key_dim: int = 64  # episodic, knn, delta: width of keys and queries (knn: over all its heads)
@@ -193,7 +194,7 @@ def to_dict(obj) -> dict:
 FLAGS: dict[str, tuple[str, str]] = {
     "slots": ("memory", "slots"), "memory": ("memory", "kind"), "memory_lr": ("memory", "lr"),
     "memory_norm": ("memory", "norm"), "memory_temp": ("memory", "temp"), "memory_size": ("memory", "size"),
-    "memory_topk": ("memory", "topk"), "memory_span": ("memory", "span"), "memory_sharp": ("memory", "sharp"), "memory_local": ("memory", "local"), "memory_copy": ("memory", "copy"), "memory_knn_lm": ("memory", "knn_lm"), "memory_keep": ("memory", "keep"), "memory_entries": ("memory", "entries"), "memory_key_bytes": ("memory", "key_bytes"),
+    "memory_topk": ("memory", "topk"), "memory_span": ("memory", "span"), "memory_trail": ("memory", "trail"), "memory_sharp": ("memory", "sharp"), "memory_local": ("memory", "local"), "memory_copy": ("memory", "copy"), "memory_knn_lm": ("memory", "knn_lm"), "memory_keep": ("memory", "keep"), "memory_entries": ("memory", "entries"), "memory_key_bytes": ("memory", "key_bytes"),
     "memory_key_dim": ("memory", "key_dim"), "memory_value_dim": ("memory", "value_dim"),
     "layers": ("model", "n_layer"), "heads": ("model", "n_head"), "embd": ("model", "n_embd"), "block_size": ("model", "block_size"),
     "batch_size": ("train", "batch_size"), "iters": ("train", "iters"), "lr": ("train", "lr"), "segments": ("train", "segments"),
@@ -225,7 +226,7 @@ def flag_values(model: ModelConfig, train: TrainConfig) -> dict:
 
 
 # fields that configs written before they existed may lack, with the value that means the old behaviour
-LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0}}
+LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0, "trail": False}}
 # what runs from before the entry budget mean, for experiments only (a resume refuses them: training
 # would continue under another memory): the dense read they were trained with, retention by a byte's
 # own surprise, and the same capacity as their slots x block entries (size None: computed below)

@@ -101,6 +101,24 @@ def test_retention_keeps_the_most_surprising_entries_whatever_their_age():
     assert recalled(mem, state, "xx Gggg h")[0] == ord("h")
 
 
+def test_trailing_span_keeps_a_runs_last_bytes():
+    """A surprising run followed by easy text: its last bytes' centred span is half easy text, so
+    they score below the run's middle; with `trail` they also score the span leading up to them,
+    and rank with the run. A byte's score never falls (the higher of the two means)."""
+    from imm_cli.config import MemoryConfig
+    from imm_cli.memory.episodic import EpisodicMemory
+
+    surprise = torch.full((1, 96), 0.5)  # easy text (p ~ 0.6: not exempted, loss above ln 4/3)
+    surprise[0, 16:48] = 3.0  # a 32-byte surprising run
+    scores = {trail: EpisodicMemory(MemoryConfig(span=16, trail=trail), n_embd=16).retention_score(surprise)[0]
+              for trail in (False, True)}
+    assert (scores[True] >= scores[False]).all()
+    last = 47
+    assert scores[False][last] < scores[False][32] - 1.0  # centred: the tail sinks
+    assert scores[True][last] == pytest.approx(3.0, abs=0.2)  # trailing: it keeps the run's score
+    assert torch.equal(scores[True][:16], scores[False][:16])  # before the run nothing changes
+
+
 def test_decay_below_one_lets_age_evict():
     mem = memory(size=16, decay=0.5)
     state = write(mem, mem.init_state(1), "Aaaa bbbb 1111.", surprise=5.0)

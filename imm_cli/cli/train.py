@@ -50,6 +50,7 @@ def train(
     memory_size: int = typer.Option(MM.size, help="Episodic memory: the budget in entries (one per stored position); when full, the least surprising entries go first."),
     memory_topk: int = typer.Option(MM.topk, help="Episodic memory: stored entries each position reads, the best-matching ones; 0 = all (dilutes as the memory grows)."),
     memory_span: int = typer.Option(MM.span, help="Episodic memory: retention scores a byte by the mean surprise of it and span//2 bytes on each side (1 = its own loss)."),
+    memory_trail: bool = typer.Option(MM.trail, "--memory-trail/--no-memory-trail", help="Episodic memory: a byte's retention score is also the mean surprise of the span of bytes up to it, when that is higher than the centred span's (a fact's last bytes keep its run's score); retention acts at inference only."),
     memory_sharp: float = typer.Option(MM.sharp, help="Episodic memory: fixed 1/temperature of a second, sharp read of the same entries (near-exact contexts only); 0 = the learned-temperature read alone."),
     memory_local: bool = typer.Option(MM.local, "--memory-local/--no-memory-local", help="Episodic memory: positions also read the entries of their own segment's earlier positions (the lookup inside the window)."),
     memory_copy: bool = typer.Option(MM.copy, "--memory-copy/--no-memory-copy", help="Episodic memory: mix the sharp read's next-byte distribution into the output, with a learned weight (as kNN-LM does), so an exact stored context can outvote the model's own guess."),

@@ -8,6 +8,10 @@ to `entries` of its positions (all by default), most surprising first:
           model's per-byte loss over i and the span // 2 positions on each side (within the segment), for
           a byte the model was not sure of (p <= 3/4, loss >= ln 4/3); a byte it predicted with
           p > 3/4 keeps its own, low, loss: it needs no entry, the model produces it itself.
+          With `trail` (the default), the higher of that centred mean and the mean over the `span`
+          bytes up to and including i: a fact's last bytes have the easy text after the fact in
+          half of their centred span, and were the ones let go (measured on 64 facts in 32 KB,
+          three document draws x two trainings: 0.55 exact match centred, 0.63 with `trail`).
           (p > 1/2 exempted too much: recalled from another context, a byte the model was fairly
           sure of at writing is often missed; measured on 64 facts in 32 KB, 16,384 entries:
           0.34 exact match exempting p > 1/2, 0.55 exempting p > 3/4, 0.45 exempting nothing.)
@@ -428,6 +432,9 @@ class EpisodicMemory(Memory):
         half = w // 2
         padded = F.pad(surprise[:, None], (half, half), mode="replicate")  # a segment's edge repeats
         mean = F.avg_pool1d(padded, 2 * half + 1, stride=1)[:, 0]
+        if self.cfg.trail:  # the run leading up to a byte counts too: a fact's tail is followed by easy text
+            trailing = F.avg_pool1d(F.pad(surprise[:, None], (w - 1, 0), mode="replicate"), w, stride=1)[:, 0]
+            mean = torch.maximum(mean, trailing)
         return torch.where(surprise > SURE, mean, surprise)
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
