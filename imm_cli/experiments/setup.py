@@ -30,11 +30,16 @@ def check_knn_lm(weight: float | None) -> None:
         raise InputError(f"--knn-lm must be in [0, 1) (got {weight})")
 
 
+def knn_lm_of(model: GPT) -> float | None:
+    """The kNN-LM weight an experiment measured with (None: a memory that proposes no next bytes)."""
+    return model.cfg.memory.knn_lm if model.memory is not None and model.cfg.memory.kind == "episodic" else None
+
+
 def set_knn_lm(model: GPT, weight: float) -> None:
     """Let an experiment mix the episodic memory's sharp read into the output with another fixed
     weight than the run's (0: the model's own distribution alone): inference only, weights unchanged."""
     check_knn_lm(weight)
-    if model.memory is None or model.cfg.memory.kind != "episodic":
+    if knn_lm_of(model) is None:
         raise InputError("--knn-lm: only the episodic memory proposes next bytes (this run's memory: "
                          f"{model.cfg.memory.kind if model.memory is not None else 'none'})")
     mem = replace(model.cfg.memory, knn_lm=weight)

@@ -265,12 +265,14 @@ class EpisodicMemory(Memory):
         """Per read channel, (257 d): each byte's stored value as the channel projects it
         (projecting the 257 values once is cheaper than projecting every position's mix). Without
         autograd (generation: one read per byte) they are kept until a weight changes."""
-        weights = [self.value_emb.weight] + [out.weight for out in self._outs()]
+        outs = self._outs()
+        project = lambda: [self.value_emb.weight @ out.weight.t() for out in outs]  # noqa: E731
         if torch.is_grad_enabled():
-            return [self.value_emb.weight @ out.weight.t() for out in self._outs()]
-        key = tuple((w.data_ptr(), w._version) for w in weights)  # an optimizer step or a load bumps _version
+            return project()
+        # an optimizer step or a load bumps a weight's _version
+        key = tuple((w.data_ptr(), w._version) for w in [self.value_emb.weight] + [out.weight for out in outs])
         if self._kept_tables is None or self._kept_tables[0] != key:
-            self._kept_tables = (key, [self.value_emb.weight @ out.weight.t() for out in self._outs()])
+            self._kept_tables = (key, project())
         return self._kept_tables[1]
 
     def _mix(self, parts: dict, tables: list[Tensor] | None = None) -> Tensor:
