@@ -283,11 +283,12 @@ class GPT(nn.Module):
 
     # --- entry point 1: one segment ------------------------------------------------------------
     def forward(self, idx: Tensor, targets: Tensor | None = None, state: State | None = None,
-                prev: Tensor | None = None, write: bool = True) -> GPTOutput:
+                prev: Tensor | None = None, write: bool = True, reuse_state: bool = False) -> GPTOutput:
         """idx (b n) bytes; targets (b n) next bytes, -1 = unknown; prev (b p) bytes before idx.
 
         The memory reads `state`, then (unless frozen or write=False) is written with this segment,
         its per-byte loss as the surprise; the new state is returned for the next segment.
+        reuse_state: the caller never uses `state` again, so the write may update it in place.
         """
         b, n = idx.shape
         prev, state = self._defaults(idx, prev, state)
@@ -307,7 +308,7 @@ class GPT(nn.Module):
             if targets is not None:
                 loss = token_loss.sum() / (targets >= 0).sum().clamp(min=1)
         if want_write:
-            state = mem.write(h_mem, seg, state, token_loss.detach())
+            state = (mem.write_over if reuse_state else mem.write)(h_mem, seg, state, token_loss.detach())
         return GPTOutput(logits=logits, loss=loss, token_loss=token_loss, state=state)
 
     # --- entry point 2: whole episodes ---------------------------------------------------------

@@ -2,7 +2,8 @@
 
 - the state stays finite (and, where a kind normalises, normalised) after writes,
 - a frozen memory never changes its state,
-- reset (init_state) restores the initial state, and writes never change a state in place,
+- reset (init_state) restores the initial state, and writes never change a state in place
+  (write_over, which may, leaves the same state as write),
 - a fresh memory reads exactly zero (kinds without learned initial contents),
 - reads do not depend on the order of the slots (or stored entries).
 A new memory registered in KINDS is tested here without any change to this file.
@@ -131,6 +132,20 @@ def test_frozen_memory_never_changes(setup):
             assert equal(out, before)
             mem.read(h, seg, state)
         assert equal(state, before)
+
+
+@SETTINGS
+@given(setups())
+def test_write_over_equals_write(setup):
+    """write_over (the caller drops the old state, so it may be updated in place) leaves exactly the
+    state that write does, write after write."""
+    mem, b, segs = setup
+    with torch.no_grad():
+        copied = over = mem.init_state(b)
+        for h, seg, surprise in segs:
+            copied = mem.write(h, seg, copied, surprise)
+            over = mem.write_over(h, seg, clone(over), surprise)
+            assert equal(over, copied)
 
 
 @SETTINGS

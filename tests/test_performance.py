@@ -223,20 +223,38 @@ def test_gap_segments_batched_equal_the_loop(gap):
     assert not torch.allclose(no_gap.token_loss[:, -1], outs[True][1][:, -1], atol=1e-4)
 
 
-def test_tables_kept_for_generation_follow_the_weights():
-    """The projected value tables kept between reads without autograd are recomputed once a weight
+def test_table_kept_for_generation_follows_the_weights():
+    """The projected value table kept between reads without autograd is recomputed once a weight
     changes in place (an optimizer step) or is replaced (a load)."""
     mem = model_for(slots=4, key_bytes=8, key_dim=16).memory
-    fresh = lambda: [mem.value_emb.weight @ out.weight.t() for out in mem._outs()]  # noqa: E731
+    fresh = lambda: torch.cat([mem.value_emb.weight @ out.weight.t() for out in mem._outs()])  # noqa: E731  (channels stacked)
     with torch.no_grad():
-        first = mem._tables()
-        assert mem._tables() is first  # kept
+        first = mem._table()
+        assert mem._table() is first  # kept
         mem.out.weight.add_(0.5)  # in place, as an optimizer step
-        for a, b in zip(mem._tables(), fresh()):
-            torch.testing.assert_close(a, b)
+        torch.testing.assert_close(mem._table(), fresh())
     mem.load_state_dict({k: v + 1 for k, v in mem.state_dict().items()})
     with torch.no_grad():
-        for a, b in zip(mem._tables(), fresh()):
-            torch.testing.assert_close(a, b)
-        assert mem._tables()[0].grad_fn is None  # never an autograd graph kept alive
-    assert mem._tables()[0].grad_fn is not None  # with autograd: computed afresh, so gradients reach the weights
+        torch.testing.assert_close(mem._table(), fresh())
+        assert mem._table().grad_fn is None  # never an autograd graph kept alive
+    assert mem._table().grad_fn is not None  # with autograd: computed afresh, so gradients reach the weights
+
+
+def test_write_text_writes_in_place_only_its_own_states():
+    """write_text updates in place only the states it made itself: the state it was given is left as
+    it was, and the result equals writing segment by segment with copies."""
+    from imm_cli.experiments import probe
+
+    model = model_for(slots=4, key_bytes=8, key_dim=16).eval()
+    ids = torch.randint(0, 256, (2, 5 * 32), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        given, _ = probe.write_text(model, None, ids[:, :32])
+        before = {k: v.clone() for k, v in given.items()}
+        state, _ = probe.write_text(model, given, ids[:, 32:], prev=ids[:, :32][:, -32:])
+        ref, prev = given, ids[:, :32]
+        for s in range(32, ids.shape[1], 32):
+            seg = ids[:, s:s + 32]
+            targets = torch.cat([seg[:, 1:], ids[:, s + 32:s + 33] if s + 32 < ids.shape[1] else seg.new_full((2, 1), -1)], 1)
+            ref, prev = model(seg, targets=targets, state=ref, prev=prev).state, seg
+    assert all(torch.equal(given[k], before[k]) for k in before)
+    assert all(torch.equal(state[k], ref[k]) for k in ref)

@@ -45,7 +45,8 @@ def write_text(model: GPT, state: State | None, ids: torch.Tensor, prev: torch.T
     targets = torch.cat([ids[:, 1:], ids.new_full((ids.shape[0], 1), -1)], dim=1)
     for s in range(0, ids.shape[1], B):
         x = ids[:, s : s + B]
-        state = model(x, targets=targets[:, s : s + B], state=state, prev=prev).state
+        # after the first write the state is this loop's own: later writes may update it in place
+        state = model(x, targets=targets[:, s : s + B], state=state, prev=prev, reuse_state=s > 0).state
         prev = x
     return state, prev
 

@@ -18,6 +18,8 @@ Everything else has a correct default that a memory may override for speed or an
     episode_reader(segments, n)       whether `read_episode` can read a fresh episode in one call
     read_episode(h, stream, starts, n) exactly what the sequential loop would read (no default:
                                       without it the model runs the loop, which is always exact)
+    write_over(h, seg, state, surprise)  `write` for a caller that never uses `state` again: may
+                                      update its tensors in place (default: `write`)
     slot_filled(state)                which slots hold something (default: all)
     describe(state)                   figures about what the state holds, for reports (default: none)
     copies, copied                    a memory that also proposes next bytes directly: after each read,
@@ -151,6 +153,11 @@ class Memory(nn.Module):
         if self.frozen:
             return state
         return self._write(h, seg, state, surprise)
+
+    def write_over(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
+        """`write`, for a caller that never uses `state` again (writing a long text segment by
+        segment): a memory may then update the state's tensors in place instead of copying them."""
+        return self.write(h, seg, state, surprise)
 
     def _record(self, **tensors: Tensor) -> None:
         if self.observe:

@@ -94,7 +94,7 @@ class EpisodicMemory(Memory):
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.read_temp)))  # learned 1/temperature
         self.null_cos = nn.Parameter(torch.tensor(0.6))  # below this cosine a stored entry loses to "nothing"
         self.gate = nn.Linear(n_embd, 1)
-        self._kept_tables: tuple | None = None  # (weights' identity, tables) for reads without autograd
+        self._kept_table: tuple | None = None  # (weights' identity, table) for reads without autograd
         if cfg.sharp:  # the sharp read: its own "nothing matches" level and projection, the same values
             self.sharp_null = nn.Parameter(torch.tensor(0.9))
             self.sharp_out = nn.Linear(dv, n_embd, bias=bias)
@@ -117,7 +117,8 @@ class EpisodicMemory(Memory):
         """(b n dk) unit vectors: the n-gram of the `key_bytes` bytes ending at each position."""
         return self._ngram(seg.ids, seg.prev)
 
-    def _ngram(self, ids: Tensor, prev: Tensor) -> Tensor:
+    def _ngram(self, ids: Tensor, prev: Tensor, few_read: bool = False) -> Tensor:
+        """few_read: most of these keys will get no gradient (gap text: only its chosen entries do)."""
         K = self.cfg.key_bytes
         b, n = ids.shape
         prev = prev[:, -(K - 1):] if K > 1 else prev[:, :0]
@@ -130,7 +131,7 @@ class EpisodicMemory(Memory):
         # sum over the K offsets of key_emb[offset, byte], as one embedding bag (no (b n K dk) tensor)
         table, idx = self.key_emb.reshape(K * (PAD + 1), -1), (windows + offsets).reshape(b * n, K)
         if torch.is_grad_enabled() and table.requires_grad:
-            return _NGramKey.apply(table, idx).view(b, n, -1)
+            return _NGramKey.apply(table, idx, few_read).view(b, n, -1)
         # generation: no autograd.Function overhead per byte
         return F.normalize(F.embedding_bag(idx, table, mode="sum"), dim=-1).view(b, n, -1)
 
@@ -202,10 +203,12 @@ class EpisodicMemory(Memory):
             cos = torch.bmm(q, keys.transpose(1, 2)).masked_fill(~valid[:, None], -math.inf)
             return cos, torch.arange(M, device=q.device).expand_as(cos)
         with torch.no_grad():
+            holes = not bool(valid.all())  # usually none: masking (b n M) scores costs about half the matmul
             best_s, best_i = [], []
             for c in range(0, M, READ_CHUNK):
                 s = torch.bmm(q, keys[:, c:c + READ_CHUNK].transpose(1, 2))
-                s = s.masked_fill_(~valid[:, None, c:c + READ_CHUNK], -math.inf)
+                if holes:
+                    s = s.masked_fill_(~valid[:, None, c:c + READ_CHUNK], -math.inf)
                 if k < s.shape[-1]:
                     s, i = s.topk(k, dim=-1)
                 else:
@@ -261,39 +264,48 @@ class EpisodicMemory(Memory):
     def _outs(self) -> list[nn.Linear]:
         return [self.out] + ([self.sharp_out] if self.cfg.sharp else [])
 
-    def _tables(self) -> list[Tensor]:
-        """Per read channel, (257 d): each byte's stored value as the channel projects it
-        (projecting the 257 values once is cheaper than projecting every position's mix). Without
-        autograd (generation: one read per byte) they are kept until a weight changes."""
+    def _table(self) -> Tensor:
+        """(C*257 d): rows c*257 .. c*257+256 hold each byte's stored value as read channel c projects
+        it (projecting the 257 values once is cheaper than projecting every position's mix; the
+        channels stacked so one embedding bag and one matmul mix them all). Without autograd
+        (generation: one read per byte) it is kept until a weight changes."""
         outs = self._outs()
-        project = lambda: [self.value_emb.weight @ out.weight.t() for out in outs]  # noqa: E731
+
+        def project() -> Tensor:
+            w = torch.cat([out.weight for out in outs]) if len(outs) > 1 else outs[0].weight  # (C*d dv)
+            table = self.value_emb.weight @ w.t()  # (257 C*d)
+            return table.view(PAD + 1, len(outs), -1).transpose(0, 1).reshape(len(outs) * (PAD + 1), -1)
         if torch.is_grad_enabled():
             return project()
         # an optimizer step or a load bumps a weight's _version
         key = tuple((w.data_ptr(), w._version) for w in [self.value_emb.weight] + [out.weight for out in outs])
-        if self._kept_tables is None or self._kept_tables[0] != key:
-            self._kept_tables = (key, project())
-        return self._kept_tables[1]
+        if self._kept_table is None or self._kept_table[0] != key:
+            self._kept_table = (key, project())
+        return self._kept_table[1]
 
-    def _mix(self, parts: dict, tables: list[Tensor] | None = None) -> Tensor:
+    def _mix(self, parts: dict, table: Tensor | None = None) -> Tensor:
         """(b n d) the read before its gate: summed over the read channels, the attention-weighted
-        projected values of the bytes the entries carry (the k stored ones as one weighted embedding
-        bag, the local ones as one matmul)."""
+        projected values of the bytes the entries carry. All channels at once: channel c's weights
+        address rows c*257.. of the stacked table, the k stored entries as one weighted embedding bag,
+        the local ones as one matmul."""
         attn, k, ids = parts["attn"], parts["k"], parts["stored_ids"]
-        b, n, _ = ids.shape
-        tables = tables or self._tables()
-        read = attn.new_zeros(b, n, tables[0].shape[1])
-        for a, values in zip(attn, tables):
-            if k == 0:  # nothing stored yet
-                stored = 0
-            elif k <= GATHER_K:  # a few entries per query: their values' weighted sum, in one fused kernel
-                stored = F.embedding_bag(ids.reshape(b * n, k), values, mode="sum",
-                                         per_sample_weights=a[..., :k].reshape(b * n, k)).view(b, n, -1)
-            else:  # many (a dense read): sum the attention per byte id first, then one (257 d) matmul
-                stored = a.new_zeros(b, n, values.shape[0]).scatter_add_(2, ids, a[..., :k]) @ values
-            read = read + stored
-            if parts["local_ids"] is not None:
-                read = read + torch.bmm(a[..., k:], _rows(values, parts["local_ids"]))
+        C, b, n, e = attn.shape
+        table = self._table() if table is None else table
+        rows = (PAD + 1) * torch.arange(C, device=ids.device)  # (C) each channel's first row
+        stored, local = attn.split([k, e - k], dim=-1)  # one backward node for both parts
+        read = attn.new_zeros(b, n, table.shape[1])
+        if 0 < k <= GATHER_K:  # a few entries per query: their values' weighted sum, in one fused kernel
+            bag = (ids[:, :, None] + rows[:, None]).reshape(b * n, C * k)  # (b n C k) -> bags of C*k
+            weights = stored.permute(1, 2, 0, 3).reshape(b * n, C * k)
+            read = F.embedding_bag(bag, table, mode="sum", per_sample_weights=weights).view(b, n, -1)
+        elif k:  # many (a dense read): sum the attention per (channel, byte id) first, then one matmul
+            per_row = attn.new_zeros(b, n, C * (PAD + 1))
+            per_row.scatter_add_(2, (ids[:, :, None] + rows[:, None]).reshape(b, n, C * k), stored.permute(1, 2, 0, 3).reshape(b, n, C * k))
+            read = per_row @ table
+        if parts["local_ids"] is not None:
+            w1 = e - k
+            lids = (parts["local_ids"][:, None] + rows[:, None]).reshape(b, C * w1)  # (b C*(w-1))
+            read = read + torch.bmm(local.permute(1, 2, 0, 3).reshape(b, n, C * w1), _rows(table, lids))
         for out in self._outs():
             if out.bias is not None:
                 read = read + out.bias
@@ -380,25 +392,27 @@ class EpisodicMemory(Memory):
         ids, targets = stream.ids, stream.targets
         b, L = ids.shape
         S, k = len(starts), min(self.cfg.topk, max(starts)) if self.cfg.topk else max(starts)
-        kw = self._ngram(ids, stream.prev)  # (b L dk): every position's context within its episode
+        kw = self._ngram(ids, stream.prev, few_read=L > S * n)  # (b L dk): every position's context within its episode
         bytes_ = targets.masked_fill(targets < 0, PAD)
         pos = torch.tensor([lo + j for lo in starts for j in range(n)], device=ids.device)  # (S*n)
         q = kw.index_select(1, pos)  # (b S*n dk)
         if self.cfg.topk == 0 or k == 0:  # dense (or nothing stored before any segment): segment by segment
-            tables, hs, reads, copied = self._tables(), h.view(b, S, n, -1), [], []
+            table, hs, reads, copied = self._table(), h.view(b, S, n, -1), [], []
             for s, lo in enumerate(starts):
                 win = q[:, s * n:(s + 1) * n]
                 prefix = {"keys": kw[:, :lo], "bytes": bytes_[:, :lo], "score": kw.new_zeros(b, lo).masked_fill(targets[:, :lo] < 0, -math.inf)}
                 parts = self._attend(win, win, ids[:, lo:lo + n], self._stored(win, prefix))
-                reads.append(self._gated(hs[:, s], self._mix(parts, tables), parts))
+                reads.append(self._gated(hs[:, s], self._mix(parts, table), parts))
                 copied.append(self.copied)
             if self.copies:
                 self.copied = torch.stack(copied, dim=1).flatten(0, 1)
             return torch.stack(reads, dim=1).flatten(0, 1)  # episode-major, as h
-        with torch.no_grad():  # which k entries: segment by segment, each against its own prefix
-            best = [_topk_padded(torch.bmm(q[:, s * n:(s + 1) * n], kw[:, :lo].transpose(1, 2))
-                                 .masked_fill_((targets[:, None, :lo] < 0), -math.inf), k)
-                    for s, lo in enumerate(starts)]
+        with torch.no_grad():  # which k entries, each segment against its own prefix
+            unknown = targets < 0  # (b L) never stored
+            # two calls: the segments before the last together (prefixes end at the last but one's
+            # start), the last alone (after a gap its prefix is long): at most twice the scores needed
+            best = [_prefix_topk(q[:, :(S - 1) * n], kw, unknown, starts[:-1], n, k),
+                    _prefix_topk(q[:, (S - 1) * n:], kw, unknown, starts[-1:], n, k)]
             s, i = torch.cat([c for c, _ in best], 1), torch.cat([j for _, j in best], 1)  # (b S*n k)
         cos = _chosen_cosines(q, kw, s, i)
         st_ids = bytes_.gather(1, i.flatten(1)).view_as(i)
@@ -439,7 +453,14 @@ class EpisodicMemory(Memory):
             mean = torch.maximum(mean, trailing)
         return torch.where(surprise > SURE, mean, surprise)
 
-    def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
+    def write_over(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
+        """In place where nothing needs the old state: copying a 16,384-entry key buffer at every
+        write was a tenth of `imm needle`'s time."""
+        if self.frozen or torch.is_grad_enabled():
+            return self.write(h, seg, state, surprise)
+        return self._write(h, seg, state, surprise, in_place=True)
+
+    def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor, in_place: bool = False) -> State:
         b, n = seg.ids.shape
         M, dk = self.size, self.cfg.key_dim
         score = self.retention_score(surprise)
@@ -461,10 +482,11 @@ class EpisodicMemory(Memory):
         # afterwards the memory holds the `size` best of old and offered entries, positions stable
         take = new_score > low_score
         e = slot[..., None].expand(-1, -1, dk)
-        keys = state["keys"].scatter(1, e, torch.where(take[..., None], new_keys, state["keys"].gather(1, e)))
-        nxt = state["bytes"].scatter(1, slot, torch.where(take, new_bytes, state["bytes"].gather(1, slot)))
-        kept = old_score.scatter(1, slot, torch.where(take, new_score, low_score))
-        born = state["born"].scatter(1, slot, torch.where(take, state["writes"][:, None], state["born"].gather(1, slot)))
+        put = torch.Tensor.scatter_ if in_place else torch.Tensor.scatter
+        keys = put(state["keys"], 1, e, torch.where(take[..., None], new_keys, state["keys"].gather(1, e)))
+        nxt = put(state["bytes"], 1, slot, torch.where(take, new_bytes, state["bytes"].gather(1, slot)))
+        kept = old_score.scatter_(1, slot, torch.where(take, new_score, low_score))  # old_score is a new tensor
+        born = put(state["born"], 1, slot, torch.where(take, state["writes"][:, None], state["born"].gather(1, slot)))
         if self.observe:
             per_slot = torch.zeros(b, self.cfg.slots, device=take.device)
             per_slot.scatter_add_(1, self.slot_of_entries(take.device)[slot], take.float())
@@ -496,6 +518,19 @@ def _chosen_cosines(q: Tensor, keys: Tensor, best: Tensor, idx: Tensor) -> Tenso
     # broadcast multiply and sum, not einsum: einsum's backward is a batched matmul of tiny (dk x 1)
     # by (1 x k) outer products (the whole read measured about 6% faster this way)
     return (q[:, :, None] * chosen).sum(-1).masked_fill(torch.isneginf(best), -math.inf)
+
+
+def _prefix_topk(q: Tensor, keys: Tensor, unknown: Tensor, starts: list[int], n: int, k: int) -> tuple[Tensor, Tensor]:
+    """(b S*n k) cosines and indices of the k best keys (b L dk) for the queries q (b S*n dk) of the
+    n-byte segments beginning at `starts`, each query seeing only the keys before its segment's start
+    whose next byte is known; -inf (index 0) where fewer than k exist."""
+    if not starts:
+        return q.new_zeros(q.shape[0], 0, k), torch.zeros(q.shape[0], 0, k, dtype=torch.long, device=q.device)
+    end = max(starts)
+    scores = torch.bmm(q, keys[:, :end].transpose(1, 2))  # (b S*n end)
+    first = torch.tensor(starts, device=q.device).repeat_interleave(n)  # (S*n) each query's segment start
+    later = torch.arange(end, device=q.device)[None] >= first[:, None]  # (S*n end) not yet written
+    return _topk_padded(scores.masked_fill_(later[None] | unknown[:, None, :end], -math.inf), k)
 
 
 def _topk_padded(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -532,21 +567,24 @@ class _NGramKey(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, idx: Tensor) -> Tensor:
+    def forward(ctx, table: Tensor, idx: Tensor, few_read: bool = False) -> Tensor:
         emb = F.embedding_bag(idx, table, mode="sum")
         norm = emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
         unit = emb / norm
         ctx.save_for_backward(idx, unit, norm)
-        ctx.rows = table.shape[0]
+        ctx.rows, ctx.few_read = table.shape[0], few_read
         return unit
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         idx, unit, norm = ctx.saved_tensors
+        if ctx.few_read:  # only the keys that were read carry a gradient: add only those
+            rows = grad.ne(0).any(-1).nonzero().squeeze(1)
+            idx, unit, norm, grad = idx[rows], unit[rows], norm[rows], grad[rows]
         grad = (grad - unit * (grad * unit).sum(-1, keepdim=True)) / norm  # through x / |x|
         out = grad.new_zeros(ctx.rows, grad.shape[1])
         # one offset at a time: consecutive adds land in one offset's 257-row block, and the
         # gradient is not copied K times (measured ~2x faster than position-major order)
         for t in range(idx.shape[1]):
             out.index_add_(0, idx[:, t], grad)
-        return out, None
+        return out, None, None
