@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -179,3 +181,24 @@ def test_keep_loss_trains_only_the_keep_head():
             assert with_aux[name].abs().sum() > 0
         else:
             torch.testing.assert_close(with_aux[name], p.grad, msg=name)
+
+
+def test_drop_hides_entries_in_training_only():
+    """--memory-drop: in training, stored entries are hidden from reads at random (as if retention had
+    let them go), in both the whole-episode read and the segment loop's writes; never in eval mode."""
+    model = tiny(1, drop=0.9)
+    mem = model.memory
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 256, (2, 3, 64), generator=g)
+    y = torch.cat([x[:, :, 1:], torch.randint(0, 256, (2, 3, 1), generator=g)], 2)
+    with torch.no_grad():
+        state = model(x[:, 0], y[:, 0]).state  # eval mode: every position kept
+        assert int(torch.isfinite(state["score"]).sum()) == 2 * 64
+        model.train()
+        dropped = model(x[:, 0], y[:, 0]).state  # training: about 90% let go
+        assert int(torch.isfinite(dropped["score"]).sum()) < 2 * 64 // 2
+        # the whole-episode read: the last segment reads a memory missing most entries, so its loss changes
+        hidden = model.episode(x, y).token_loss[:, -1]
+        model.memory.cfg = dataclasses.replace(mem.cfg, drop=0.0)
+        kept = model.episode(x, y).token_loss[:, -1]
+    assert not torch.allclose(hidden, kept)

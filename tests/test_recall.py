@@ -276,8 +276,8 @@ def test_recall_command(tiny_runs, kind, placement, tmp_path):
     assert m["rows"] == 16 and m["misses"] == sum(not f["exact"] for f in doc["facts"]) == sum(m["causes"].values())
     if kind == "linformer":  # no exact entries: never "not in text" or "not kept"
         assert m["causes"]["not_in_text"] == m["causes"]["not_kept"] == 0
-    assert doc["model"]["knn_lm"] == (0.2 if kind == "episodic" else None)  # the run's own (the default)
-    assert ("kNN-LM mix 0.2" in r.stderr) == (kind == "episodic")
+    assert doc["model"]["knn_lm"] == (MemoryConfig.knn_lm if kind == "episodic" else None)  # the run's own (the default)
+    assert (f"kNN-LM mix {MemoryConfig.knn_lm:g}" in r.stderr) == (kind == "episodic")
     assert "why the memory missed" in r.stderr
     assert (out / "context_influence.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert (out / "recall.json").is_file()
@@ -317,7 +317,7 @@ def test_needle_command(tiny_runs, tmp_path):
     assert "why the memory missed" in r.stderr
     for name in ("needle.json", "needle_heatmap.png", "capacity.png", "distance.png"):
         assert (out / name).is_file()
-    assert doc["model"]["knn_lm"] == 0.2
+    assert doc["model"]["knn_lm"] == MemoryConfig.knn_lm
 
 
 def test_knn_lm_override_is_recorded(tiny_runs, tmp_path):
@@ -327,7 +327,7 @@ def test_knn_lm_override_is_recorded(tiny_runs, tmp_path):
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["model"]["knn_lm"] == 0.0
     assert "no kNN-LM mix" in r.stderr  # the table's title says what was measured
-    assert json.loads((tiny_runs["episodic"] / "config.json").read_text())["model"]["memory"]["knn_lm"] == 0.2  # the run is untouched
+    assert json.loads((tiny_runs["episodic"] / "config.json").read_text())["model"]["memory"]["knn_lm"] == MemoryConfig.knn_lm  # the run is untouched
 
 
 def test_facts_longer_than_the_window_are_measured(tiny_runs, tmp_path):

@@ -29,7 +29,7 @@ SEED_HELP = "Seed of the start in the validation split, the random tokens and th
 OUT_HELP = "Folder for the plots and the JSON result [default: the run folder]."
 FORCE_HELP = "Replace files of the same names in --out that imm did not write."
 KNN_LM_HELP = ("Mix the episodic memory's sharp read into the output with this fixed weight instead of the run's "
-               "(--memory-knn-lm, 0.2 by default; 0 = the model's own distribution alone): inference only.")
+               "(--memory-knn-lm; 0 = the model's own distribution alone): inference only.")
 
 
 # --- shared by store and usage ---------------------------------------------------------------------

@@ -55,6 +55,7 @@ def train(
     memory_local: bool = typer.Option(MM.local, "--memory-local/--no-memory-local", help="Episodic memory: positions also read the entries of their own segment's earlier positions (the lookup inside the window)."),
     memory_copy: bool = typer.Option(MM.copy, "--memory-copy/--no-memory-copy", help="Episodic memory: mix the sharp read's next-byte distribution into the output, with a learned weight (as kNN-LM does), so an exact stored context can outvote the model's own guess."),
     memory_knn_lm: float = typer.Option(MM.knn_lm, help="Episodic memory: at inference (validation, generation, every experiment), mix the sharp read's next-byte distribution into the output with this fixed weight, times the read's confidence (kNN-LM); not trained; 0 = off; with --memory-copy the learned weight replaces it."),
+    memory_drop: float = typer.Option(MM.drop, help="Episodic memory, training only: hide each stored entry from reads with this probability, as retention lets entries go in a text longer than the budget (training episodes never fill it)."),
     memory_keep: float = typer.Option(MM.keep, help="Episodic memory: weight (nats) of a learned keep score (trained on which entries later cues read) added to each entry's retention score; 0 = surprise alone, no keep head."),
     memory_entries: int = typer.Option(MM.entries, help="Episodic memory: positions one write offers at most, most surprising first; 0 = every position."),
     memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),

@@ -203,7 +203,9 @@ class EpisodicMemory(Memory):
             cos = torch.bmm(q, keys.transpose(1, 2)).masked_fill(~valid[:, None], -math.inf)
             return cos, torch.arange(M, device=q.device).expand_as(cos)
         with torch.no_grad():
-            holes = not bool(valid.all())  # usually none: masking (b n M) scores costs about half the matmul
+            # masking a large (b n M) score matrix costs about half the matmul, and there are usually
+            # no empty entries before the last stored one; a small one (decoding) is masked at once
+            holes = q.shape[1] * M < 65_536 or not bool(valid.all())
             best_s, best_i = [], []
             for c in range(0, M, READ_CHUNK):
                 s = torch.bmm(q, keys[:, c:c + READ_CHUNK].transpose(1, 2))
@@ -409,6 +411,8 @@ class EpisodicMemory(Memory):
             return torch.stack(reads, dim=1).flatten(0, 1)  # episode-major, as h
         with torch.no_grad():  # which k entries, each segment against its own prefix
             unknown = targets < 0  # (b L) never stored
+            if self.cfg.drop and self.training:  # as if let go (see _write)
+                unknown = unknown | (torch.rand(unknown.shape, device=unknown.device) < self.cfg.drop)
             # two calls: the segments before the last together (prefixes end at the last but one's
             # start), the last alone (after a gap its prefix is long): at most twice the scores needed
             best = [_prefix_topk(q[:, :(S - 1) * n], kw, unknown, starts[:-1], n, k),
@@ -467,6 +471,8 @@ class EpisodicMemory(Memory):
         if self.cfg.keep:
             score = score + self.cfg.keep * torch.sigmoid(self.keep_head(h)).squeeze(-1)
         score = score.masked_fill(seg.targets < 0, -math.inf)
+        if self.cfg.drop and self.training:  # training episodes never fill the budget: let entries go at random
+            score = score.masked_fill(torch.rand(score.shape, device=score.device) < self.cfg.drop, -math.inf)
         k = min(self.per_write, n, M)
         new_score, pos = score.topk(k, dim=1)  # (b k) offered entries, most surprising first
         new_keys = self.context_keys(seg).gather(1, pos[..., None].expand(-1, -1, dk))
