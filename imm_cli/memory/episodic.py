@@ -301,9 +301,8 @@ class EpisodicMemory(Memory):
             weights = stored.permute(1, 2, 0, 3).reshape(b * n, C * k)
             read = F.embedding_bag(bag, table, mode="sum", per_sample_weights=weights).view(b, n, -1)
         elif k:  # many (a dense read): sum the attention per (channel, byte id) first, then one matmul
-            per_row = attn.new_zeros(b, n, C * (PAD + 1))
-            per_row.scatter_add_(2, (ids[:, :, None] + rows[:, None]).reshape(b, n, C * k), stored.permute(1, 2, 0, 3).reshape(b, n, C * k))
-            read = per_row @ table
+            per_row = [attn.new_zeros(b, n, PAD + 1).scatter_add_(2, ids, a) for a in stored]  # no (b n C k) copy
+            read = torch.cat(per_row, dim=-1) @ table
         if parts["local_ids"] is not None:
             w1 = e - k
             lids = (parts["local_ids"][:, None] + rows[:, None]).reshape(b, C * w1)  # (b C*(w-1))
