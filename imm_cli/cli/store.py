@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,22 +125,26 @@ def files_line(files: dict) -> None:
 
 
 # --- the command ---------------------------------------------------------------------------------
-@handle_errors
-def store(
-    run: Path = typer.Option(..., "--run", help=RUN_HELP),
-    sequences: int = typer.Option(50, help=SEQ_HELP),
-    random_tokens: bool = typer.Option(False, "--random-tokens", help=RANDOM_HELP),
-    seed: int = typer.Option(0, help=SEED_HELP),
-    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document with every figure and the per-sequence series on stdout."),
-) -> None:
-    """Pattern storage test: cosine between memory slots and each sequence's mean hidden state, with controls."""
-    from imm_cli.experiments.store import pattern_storage
-    from imm_cli.plots.store_usage import plot_pattern_similarity
+def experiment_command(experiment: str, name: str, png: str, plot: str, show, json_help: str, doc: str):
+    """`imm store` or `imm usage`: the same options around one experiment. `experiment` and `plot` are
+    "module:function", imported when the command runs (so `imm --help` stays fast)."""
+    def imported(where: str):
+        module, fn = where.split(":")
+        return getattr(importlib.import_module(module), fn)
 
-    run_and_report(pattern_storage, run, out, STORE_JSON, (STORE_PNG, plot_pattern_similarity), _table,
-                   json_out, force, sequences=sequences, random_tokens=random_tokens, seed=seed)
+    def command(
+        run: Path = typer.Option(..., "--run", help=RUN_HELP),
+        sequences: int = typer.Option(50, help=SEQ_HELP),
+        random_tokens: bool = typer.Option(False, "--random-tokens", help=RANDOM_HELP),
+        seed: int = typer.Option(0, help=SEED_HELP),
+        out: Optional[Path] = typer.Option(None, help=OUT_HELP),
+        force: bool = typer.Option(False, "--force", help=FORCE_HELP),
+        json_out: bool = typer.Option(False, "--json", help=json_help),
+    ) -> None:
+        run_and_report(imported(experiment), run, out, name, (png, imported(plot)), show, json_out, force,
+                       sequences=sequences, random_tokens=random_tokens, seed=seed)
+    command.__doc__ = doc
+    return handle_errors(command)
 
 
 def run_and_report(experiment, run: Path, out: Optional[Path], name: str, plot, show, json_out: bool, force: bool,
@@ -158,6 +163,8 @@ def run_and_report(experiment, run: Path, out: Optional[Path], name: str, plot, 
         doc = r.to_dict()
         files = save_results(doc, name, out_dir, plot, command, names)
     show(r)
+    for n in r.notes:
+        console.print(safe(f"note: {n}"), highlight=False)
     files_line(files)
     if json_out:
         print_json({**doc, "files": files})
@@ -185,5 +192,9 @@ def _table(r) -> None:
     t.add_row("empty slots (first / last sequence)", f"{r.empty_slots[0]} / {r.empty_slots[-1]}")
     t.add_row("NaN/inf seen", "yes: " + "; ".join(r.nonfinite_where[:3]) if r.nonfinite else "no")
     console.print(t)
-    for n in r.notes:
-        console.print(safe(f"note: {n}"), highlight=False)
+
+
+store = experiment_command(
+    "imm_cli.experiments.store:pattern_storage", STORE_JSON, STORE_PNG, "imm_cli.plots.store_usage:plot_pattern_similarity", _table,
+    "Print one JSON document with every figure and the per-sequence series on stdout.",
+    "Pattern storage test: cosine between memory slots and each sequence's mean hidden state, with controls.")

@@ -2,33 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
-
-import typer
 from rich.table import Table
 
-from imm_cli.cli.common import console, fmt, handle_errors, safe
-from imm_cli.cli.store import (FORCE_HELP, OUT_HELP, RANDOM_HELP, RUN_HELP, SEED_HELP, SEQ_HELP, USAGE_JSON, USAGE_PNG,
-                               memory_rows, run_and_report)
-
-
-@handle_errors
-def usage(
-    run: Path = typer.Option(..., "--run", help=RUN_HELP),
-    sequences: int = typer.Option(50, help=SEQ_HELP),
-    random_tokens: bool = typer.Option(False, "--random-tokens", help=RANDOM_HELP),
-    seed: int = typer.Option(0, help=SEED_HELP),
-    out: Optional[Path] = typer.Option(None, help=OUT_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document with every figure and the usage matrix on stdout."),
-) -> None:
-    """Slot usage analysis: read attention per slot (slot mean = 1), evenness that can fail, gate values."""
-    from imm_cli.experiments.usage import slot_usage
-    from imm_cli.plots.store_usage import plot_slot_usage
-
-    run_and_report(slot_usage, run, out, USAGE_JSON, (USAGE_PNG, plot_slot_usage), _tables,
-                   json_out, force, sequences=sequences, random_tokens=random_tokens, seed=seed)
+from imm_cli.cli.common import console, fmt
+from imm_cli.cli.store import USAGE_JSON, USAGE_PNG, experiment_command, memory_rows
 
 
 def _slots(xs: list[int]) -> str:
@@ -84,5 +61,9 @@ def _tables(r) -> None:
             row.append(fmt(r.writes[j]))
         s.add_row(*row)
     console.print(s)
-    for n in r.notes:
-        console.print(safe(f"note: {n}"), highlight=False)
+
+
+usage = experiment_command(
+    "imm_cli.experiments.usage:slot_usage", USAGE_JSON, USAGE_PNG, "imm_cli.plots.store_usage:plot_slot_usage", _tables,
+    "Print one JSON document with every figure and the usage matrix on stdout.",
+    "Slot usage analysis: read attention per slot (slot mean = 1), evenness that can fail, gate values.")
