@@ -176,6 +176,7 @@ CASES: list[Case] = [
     Case("train:memory-lr-2", lambda c: train(c, "--memory-lr", "2")),
     Case("train:memory-key-dim-0", lambda c: train(c, "--memory-key-dim", "0")),
     Case("train:memory-knn-lm-1", lambda c: train(c, "--memory-knn-lm", "1"), expect=("--memory-knn-lm",)),
+    Case("train:memory-drop-1", lambda c: train(c, "--memory-drop", "1"), expect=("--memory-drop",)),
     Case("train:memory-value-dim-negative", lambda c: train(c, "--memory-value-dim", "-1")),
     Case("train:heads-not-dividing-embd", lambda c: train(c, "--heads", "3", "--embd", "32")),
     Case("train:lr-0", lambda c: train(c, "--lr", "0")),
