@@ -250,7 +250,7 @@ def test_write_text_writes_in_place_only_its_own_states():
     with torch.no_grad():
         given, _ = probe.write_text(model, None, ids[:, :32])
         before = {k: v.clone() for k, v in given.items()}
-        state, _ = probe.write_text(model, given, ids[:, 32:], prev=ids[:, :32][:, -32:])
+        state, _ = probe.write_text(model, given, ids[:, 32:], prev=ids[:, :32])
         ref, prev = given, ids[:, :32]
         for s in range(32, ids.shape[1], 32):
             seg = ids[:, s:s + 32]

@@ -218,7 +218,7 @@ def parse_list(text: str, kind, flag: str) -> list:
 
 
 def knn_label(model: dict) -> str:
-    """', kNN-LM mix 0.2' (or ', no kNN-LM mix') for an experiment's title; '' where the memory has none."""
+    """', kNN-LM mix 0.35' (or ', no kNN-LM mix') for an experiment's title; '' where the memory has none."""
     w = model.get("knn_lm")
     if w is None:
         return ""

@@ -295,12 +295,13 @@ class EpisodicMemory(Memory):
         table = self._table() if table is None else table
         rows = (PAD + 1) * torch.arange(C, device=ids.device)  # (C) each channel's first row
         stored, local = attn.split([k, e - k], dim=-1)  # one backward node for both parts
-        read = attn.new_zeros(b, n, table.shape[1])
-        if 0 < k <= GATHER_K:  # a few entries per query: their values' weighted sum, in one fused kernel
+        if k == 0:  # nothing stored yet
+            read = attn.new_zeros(b, n, table.shape[1])
+        elif k <= GATHER_K:  # a few entries per query: their values' weighted sum, in one fused kernel
             bag = (ids[:, :, None] + rows[:, None]).reshape(b * n, C * k)  # (b n C k) -> bags of C*k
             weights = stored.permute(1, 2, 0, 3).reshape(b * n, C * k)
             read = F.embedding_bag(bag, table, mode="sum", per_sample_weights=weights).view(b, n, -1)
-        elif k:  # many (a dense read): sum the attention per (channel, byte id) first, then one matmul
+        else:  # many (a dense read): sum the attention per (channel, byte id) first, then one matmul
             per_row = [attn.new_zeros(b, n, PAD + 1).scatter_add_(2, ids, a) for a in stored]  # no (b n C k) copy
             read = torch.cat(per_row, dim=-1) @ table
         if parts["local_ids"] is not None:
@@ -409,9 +410,7 @@ class EpisodicMemory(Memory):
                 self.copied = torch.stack(copied, dim=1).flatten(0, 1)
             return torch.stack(reads, dim=1).flatten(0, 1)  # episode-major, as h
         with torch.no_grad():  # which k entries, each segment against its own prefix
-            unknown = targets < 0  # (b L) never stored
-            if self.cfg.drop and self.training:  # as if let go (see _write)
-                unknown = unknown | (torch.rand(unknown.shape, device=unknown.device) < self.cfg.drop)
+            unknown = self._let_go(targets < 0)  # (b L) never stored, or hidden in training
             # two calls: the segments before the last together (prefixes end at the last but one's
             # start), the last alone (after a gap its prefix is long): at most twice the scores needed
             best = [_prefix_topk(q[:, :(S - 1) * n], kw, unknown, starts[:-1], n, k),
@@ -456,6 +455,14 @@ class EpisodicMemory(Memory):
             mean = torch.maximum(mean, trailing)
         return torch.where(surprise > SURE, mean, surprise)
 
+    def _let_go(self, never: Tensor) -> Tensor:
+        """`never` (positions never stored: next byte unknown), and in training with `drop` also
+        positions hidden at random: training episodes never fill the budget, so this stands in for
+        the entries retention lets go (both the whole-episode read and the segment loop's writes)."""
+        if self.cfg.drop and self.training:
+            return never | (torch.rand(never.shape, device=never.device) < self.cfg.drop)
+        return never
+
     def write_over(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
         """In place where nothing needs the old state: copying a 16,384-entry key buffer at every
         write was a tenth of `imm needle`'s time."""
@@ -469,9 +476,7 @@ class EpisodicMemory(Memory):
         score = self.retention_score(surprise)
         if self.cfg.keep:
             score = score + self.cfg.keep * torch.sigmoid(self.keep_head(h)).squeeze(-1)
-        score = score.masked_fill(seg.targets < 0, -math.inf)
-        if self.cfg.drop and self.training:  # training episodes never fill the budget: let entries go at random
-            score = score.masked_fill(torch.rand(score.shape, device=score.device) < self.cfg.drop, -math.inf)
+        score = score.masked_fill(self._let_go(seg.targets < 0), -math.inf)
         k = min(self.per_write, n, M)
         new_score, pos = score.topk(k, dim=1)  # (b k) offered entries, most surprising first
         new_keys = self.context_keys(seg).gather(1, pos[..., None].expand(-1, -1, dk))
