@@ -30,6 +30,11 @@ def _require(ok: bool, message: str) -> None:
         raise InputError(message)
 
 
+def check_knn_lm(weight: float, flag: str = "--memory-knn-lm") -> None:
+    """The kNN-LM weight's range, for training's flag and for an experiment's override alike."""
+    _require(0 <= weight < 1, f"{flag} must be in [0, 1) (got {weight})")
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     kind: str = "episodic"  # one of MEMORY_KINDS: episodic, linformer (the notes'), knn (Memorizing Transformers), delta (fast weights)
@@ -82,7 +87,7 @@ class MemoryConfig:
         _require(0 <= self.keep <= 100, f"--memory-keep must be between 0 (off) and 100 nats (got {self.keep})")
         _require(self.sharp == 0 or 1 <= self.sharp <= 1000, f"--memory-sharp must be 0 (off) or between 1 and 1000 (got {self.sharp})")
         _require(0 <= self.drop < 1, f"--memory-drop must be in [0, 1) (got {self.drop})")
-        _require(0 <= self.knn_lm < 1, f"--memory-knn-lm must be in [0, 1) (got {self.knn_lm})")
+        check_knn_lm(self.knn_lm)
         _require(0 < self.decay <= 1, f"--memory-decay must be in (0, 1] (got {self.decay})")
         return self
 

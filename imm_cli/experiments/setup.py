@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from imm_cli import runs
+from imm_cli import config, runs
 from imm_cli.data import load_corpus
 from imm_cli.errors import InputError
 from imm_cli.facts import Fact, load_facts
@@ -25,9 +25,9 @@ def open_run(run: Path, device: str = "cpu") -> tuple[GPT, dict, np.ndarray]:
 
 
 def check_knn_lm(weight: float | None) -> None:
-    """The one range rule for an experiment's kNN-LM weight override (None: the run's own)."""
-    if weight is not None and not 0 <= weight < 1:
-        raise InputError(f"--knn-lm must be in [0, 1) (got {weight})")
+    """An experiment's kNN-LM weight override (None: the run's own), by training's range rule."""
+    if weight is not None:
+        config.check_knn_lm(weight, "--knn-lm")
 
 
 def knn_lm_of(model: GPT) -> float | None:
