@@ -233,7 +233,7 @@ def flag_values(model: ModelConfig, train: TrainConfig) -> dict:
 
 
 # fields that configs written before they existed may lack, with the value that means the old behaviour
-LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0, "trail": False}}
+LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0, "trail": False, "drop": 0.0}}
 # what runs from before the entry budget mean, for experiments only (a resume refuses them: training
 # would continue under another memory): the dense read they were trained with, retention by a byte's
 # own surprise, and the same capacity as their slots x block entries (size None: computed below)
@@ -241,31 +241,34 @@ OLD_MEMORY = {"topk": 0, "span": 1, "size": None}
 
 
 def model_config_from_dict(d: dict, strict: bool = False) -> ModelConfig:
-    """A checked ModelConfig from config.json's "model" section. strict: every field must be present
-    (LEGACY_DEFAULTS aside), as a resumed run must train exactly the model it continues."""
+    """A checked ModelConfig from config.json's "model" section. Every field must be present, except
+    those older configs lack (LEGACY_DEFAULTS, and OLD_MEMORY unless strict): a missing field is a
+    damaged file, never silently the default (a model with another head count loads the same weights).
+    strict (a resume): OLD_MEMORY's fields too, as a resumed run must train exactly the model it continues."""
     d = dict(d)
     if strict and "memory" not in d:
         raise InputError("model.memory is missing")
     mem_d = {**LEGACY_DEFAULTS.get(MemoryConfig, {}), **({} if strict else OLD_MEMORY), **dict(d.pop("memory", {}))}
     if mem_d.get("size", 0) is None:  # before the entry budget: the same capacity as slots x block entries
         mem_d["size"] = max(1, int(mem_d.get("slots", MemoryConfig.slots))) * int(d.get("block_size", ModelConfig.block_size))
-    mem = MemoryConfig(**_known(MemoryConfig, mem_d, "model.memory", strict))
-    return ModelConfig(**_known(ModelConfig, d, "model", strict), memory=mem).check()
+    mem = MemoryConfig(**_known(MemoryConfig, mem_d, "model.memory", True, strict))
+    return ModelConfig(**_known(ModelConfig, d, "model", True, strict), memory=mem).check()
 
 
 def train_config_from_dict(d: dict, strict: bool = False) -> TrainConfig:
     """A TrainConfig from config.json's "train" section; strict (resume): every field must be present."""
-    return TrainConfig(**_known(TrainConfig, d, "train", strict))
+    return TrainConfig(**_known(TrainConfig, d, "train", strict, strict))
 
 
-def _known(cls, d: dict, section: str = "", strict: bool = False) -> dict:
+def _known(cls, d: dict, section: str = "", complete: bool = False, resume: bool = False) -> dict:
+    """d's fields of cls; complete: each must be present (LEGACY_DEFAULTS aside)."""
     names = {f.name for f in fields(cls)}
     unknown = set(d) - names - {"memory"}
     if unknown:
         raise InputError(f"unknown {cls.__name__} fields: {', '.join(sorted(unknown))}")
-    if strict:
+    if complete:
         missing = [n for n in sorted(names - set(d) - {"memory"}) if n not in LEGACY_DEFAULTS.get(cls, {})]
         if missing:
             raise InputError(f"{section}.{missing[0]} is missing" + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else "")
-                             + ": the run cannot be continued as it was trained")
+                             + (": the run cannot be continued as it was trained" if resume else ""))
     return {k: v for k, v in d.items() if k in names and k != "memory"}

@@ -479,15 +479,22 @@ def _read_jsonl(path: Path) -> list[dict]:
     return rows
 
 
-def read_folder(path: Path) -> RunFolder:
-    path = Path(path)
+def check_folder(path: Path) -> None:
+    """A folder to report on exists and is a folder (InputError naming it otherwise)."""
     if not path.exists():
         raise InputError(f"{path} does not exist")
     if not path.is_dir():
         raise InputError(f"{path} is not a folder (expected a run folder made by `imm train`)")
+
+
+def read_folder(path: Path) -> RunFolder:
+    path = Path(path)
+    check_folder(path)
     f = RunFolder(path=path, shown=str(path))
     if (path / CONFIG).is_file():
         f.config = _read_json(path / CONFIG)
+        if f.config.error or not isinstance(f.config.data, dict):  # as every other command refuses it
+            raise InputError(f"{path / CONFIG} is damaged: " + ("not valid JSON" if f.config.error else "not a JSON object"))
     f.metrics = _read_jsonl(path / METRICS)
     f.sweep = _read_jsonl(path / SWEEP_JSONL)
     for p in sorted(path.glob("*.json")):

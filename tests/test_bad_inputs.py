@@ -345,6 +345,7 @@ for _cmd in RUN_COMMANDS:
         Case(f"{_cmd}:config-train-a-list", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train", [1])))),
         Case(f"{_cmd}:config-data-a-number", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train.data", 5)))),
         Case(f"{_cmd}:config-eval-batches-0", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train.eval_batches", 0)))),
+        Case(f"{_cmd}:config-missing-n-head", lambda c, m=_cmd: _with_run(m, c, _config(c, _drop("model.n_head"))), expect=("model.n_head",)),
         Case(f"{_cmd}:config-nan-gate-bias", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "model.memory.gate_bias", float("nan"))))),
         Case(f"{_cmd}:huge-model", lambda c, m=_cmd: _with_run(m, c, _config(c, _huge_model)), expect=("GiB",)),
         Case(f"{_cmd}:data-changed", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "data.sha256", "f" * 64))), expect=("sha256",)),
@@ -384,6 +385,8 @@ CASES += [
     Case("needle:capacity-1e12", lambda c: _with_run("needle", c, c.run(), "--capacity", str(10**12))),
     Case("store:sequences-1e12", lambda c: _with_run("store", c, c.run(), "--sequences", str(10**12))),
     Case("recall:device-tpu-on-a-good-run", lambda c: _with_run("recall", c, c.run(), "--device", "tpu:0")),
+    Case("report:config-not-json", lambda c: ["report", str(_damage(c, "config.json", b"{not json"))], expect=("config.json",)),
+    Case("report:run-a-file", lambda c: ["report", c.file("plain.txt", "x")], absent=("--out",)),
 ]
 
 # sweep: every path-like flag and the folder's own files, before anything is trained

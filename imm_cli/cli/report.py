@@ -22,8 +22,10 @@ def report(
 ) -> None:
     """Write one HTML page (no network, images embedded) with the run's configuration, training curve and every experiment found, controls beside each figure."""
     from imm_cli import runs as run_files
-    from imm_cli.report import build_report, is_report
+    from imm_cli.report import build_report, check_folder, is_report
 
+    for r in runs:  # before --out, whose default lies inside the first
+        check_folder(r)
     if out is None:
         out = runs[0] / "report.html" if len(runs) == 1 else Path("report.html")
     if out.is_dir():
