@@ -385,6 +385,8 @@ CASES += [
     Case("needle:capacity-1e12", lambda c: _with_run("needle", c, c.run(), "--capacity", str(10**12))),
     Case("store:sequences-1e12", lambda c: _with_run("store", c, c.run(), "--sequences", str(10**12))),
     Case("recall:device-tpu-on-a-good-run", lambda c: _with_run("recall", c, c.run(), "--device", "tpu:0")),
+    Case("compare:facts-missing-even-if-unneeded", lambda c: ["compare", str(c.run()), "--facts", str(c.tmp / "nope.txt"), "--no-run", "--no-speed",
+                                                              "--out", c.out], expect=("--facts",)),
     Case("report:config-not-json", lambda c: ["report", str(_damage(c, "config.json", b"{not json"))], expect=("config.json",)),
     Case("report:run-a-file", lambda c: ["report", c.file("plain.txt", "x")], absent=("--out",)),
 ]

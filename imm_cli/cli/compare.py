@@ -14,7 +14,7 @@ from imm_cli import runs
 from imm_cli.cli.common import check_out_folder, check_outputs, console, fmt, handle_errors, holding, mark_outputs, print_json
 from imm_cli.cli.store import FORCE_HELP
 from imm_cli.errors import InputError
-from imm_cli.experiments.compare import CONDITIONS, STORE_CONTROLS, CompareSettings, compare as compare_runs
+from imm_cli.experiments.compare import CONDITIONS, STORE_CONTROLS, CompareSettings, check_facts_file, compare as compare_runs
 
 COMPARE_JSON = "compare.json"
 COMPARE_PNG = "compare.png"
@@ -31,7 +31,7 @@ def compare(
     facts: Path = typer.Option(D.facts, help="Facts file for needle where a run has no needle.json yet (relative to the current folder)."),
     run_missing: bool = typer.Option(True, "--run/--no-run", help="Run store, usage and needle (defaults) where a run lacks their JSON; --no-run shows 'not run'."),
     speed: bool = typer.Option(True, "--speed/--no-speed", help="Time training steps against the same config with --slots 0 (paired rounds)."),
-    speed_seconds: float = typer.Option(D.speed_seconds, help="Seconds of paired speed rounds per run."),
+    speed_seconds: float = typer.Option(D.speed_seconds, help="Seconds of paired speed rounds per run (at least 3 rounds are timed however small; --no-speed skips timing)."),
     out: Path = typer.Option(Path("runs/compare"), help="Folder for compare.json and compare.png."),
     device: str = typer.Option(D.device, help="cpu, cuda, mps or auto (experiments run and speed)."),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
@@ -43,6 +43,8 @@ def compare(
     resolved = {Path(p).resolve() for p in paths}
     if Path(out).resolve() in resolved or (Path(out) / runs.CONFIG).is_file():
         raise InputError(f"--out {out} is a run folder; compare writes its own files elsewhere (e.g. --out runs/compare)")
+    if facts != D.facts:  # named by the user: refused at once if unusable, even where no needle has to run
+        check_facts_file(facts)
     check_out_folder(out)
     check_outputs(out, (COMPARE_JSON, COMPARE_PNG), "compare", force)
     settings = CompareSettings(facts=facts, run_missing=run_missing, speed=speed, speed_seconds=speed_seconds, device=device)

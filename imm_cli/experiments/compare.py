@@ -117,7 +117,7 @@ def check_facts_file(path: Path) -> None:
     from imm_cli.facts import load_facts
 
     if not Path(path).is_file():
-        raise InputError(f"facts file {path} does not exist (needed to run needle; pass --facts FILE, or --no-run)")
+        raise InputError(f"--facts {path} does not exist (needle runs on it where a run has no needle.json; or pass --no-run)")
     load_facts(path)
 
 
