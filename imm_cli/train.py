@@ -359,7 +359,7 @@ def _train(model_cfg: ModelConfig, cfg: TrainConfig, out: Path, resume: bool, em
     # torchrun; `model` keeps the weights: saved, evaluated
     step_loss = distributed.wrap(model, episode_loss, dist, compile_model if cfg.compile else None)
     total, mem = model.num_params()
-    emit({"type": "start", "params": total, "memory_params": mem, "step": step, "device": str(device),
+    emit({"type": "start", "params": total, "memory_params": mem, "step": step, "iters": cfg.iters, "device": str(device),
           "processes": dist.world, "precision": precision_of(device), "compile": cfg.compile,
           "segments": segments, "episodes": batches.episodes, "curriculum_episodes": batches.n_curriculum,
           "max_gap": batches.max_gap, "episode_path": model.episode_path(segments, model_cfg.block_size)})

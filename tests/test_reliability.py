@@ -75,6 +75,8 @@ def test_resume_is_bitwise_identical(memory, sig, tmp_path, imm):
 
     r = imm("train", "--resume", str(resumed))
     assert r.code == 0, r.stderr
+    assert f"resumed at step {k}; training to step {n}" in " ".join(r.stderr.split())
+    assert "schedule" not in r.stderr  # the same --iters: no note about the learning rate
 
     assert weights_equal(straight, resumed)
     sa, sb = runs.load_train_state(straight), runs.load_train_state(resumed)
@@ -96,6 +98,7 @@ def test_resume_may_change_iterations_and_intervals_only(tmp_path, imm):
     train_mod.train(model_cfg, cfg, run)
     r = imm("train", "--resume", str(run), "--iters", "3", "--save-every", "1", "--eval-every", "5", "--heads", "2")
     assert r.code == 0, r.stderr  # --heads 2 agrees with the run, so it is allowed
+    assert "3-step schedule" in " ".join(r.stderr.split())  # a longer run re-draws the learning rate: said
     assert train_steps(run) == [1, 2, 3]
     r = imm("train", "--resume", str(run), "--iters", "4", "--lr", "0.01")
     assert r.code == 2 and "--lr 0.01 disagrees" in r.stderr and len(r.err_lines) == 1

@@ -47,7 +47,7 @@ class SafeConsole(Console):
             seg if seg.control else Segment(clean_text(seg.text), seg.style) for seg in buffer)
 
 
-console = SafeConsole(stderr=True)  # tables and progress: stdout is kept for --json
+console = SafeConsole(stderr=True, log_path=False)  # tables and progress: stdout is kept for --json (log lines without the source file)
 
 
 def fail(message: str, code: int) -> None:

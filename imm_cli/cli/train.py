@@ -149,6 +149,11 @@ def _resume_configs(ctx: typer.Context, run: Path, data: Optional[Path] = None):
     if state["step"] >= train_cfg.iters:
         raise InputError(f"{run} already trained {state['step']} steps (--iters {train_cfg.iters}); "
                          f"pass --iters above {state['step']} to go on")
+    if train_cfg.iters != saved_train.iters:
+        console.print(f"note: --iters {train_cfg.iters} differs from the run's {saved_train.iters}: from step {state['step']} on, the "
+                      f"learning rate follows a {train_cfg.iters}-step schedule (it jumps to that schedule's rate), so the result "
+                      f"differs from a run trained to {train_cfg.iters} from the start; the same --iters resumes exactly",
+                      highlight=False, soft_wrap=True)
     return saved_model, train_cfg
 
 
@@ -175,6 +180,8 @@ def _with_progress(run):
                           + (", compiled" if e.get("compile") else "") + "; "
                           f"{e['episodes']} episodes x {e['segments']} segments per step"
                           + (f", {e['curriculum_episodes']} of them recall curriculum" if e["curriculum_episodes"] else ""))
+            if e["step"]:
+                console.print(f"resumed at step {e['step']:,}; training to step {e['iters']:,}")
             if e.get("episode_path", "batched") != "batched":  # the slower exact loop: say so, and why
                 console.print(f"episodes run segment by segment ({e['episode_path'].split(': ', 1)[-1]})")
             task = progress.add_task("train", total=None, completed=e["step"], loss="-", tps="-", val="")
