@@ -378,6 +378,9 @@ CASES += [
     Case("recall:device-unknown", lambda c: _with_run("recall", c, c.run(), "--device", "tpu")),
     Case("needle:depth-2", lambda c: _with_run("needle", c, c.run(), "--depth", "2")),
     Case("needle:trials-0", lambda c: _with_run("needle", c, c.run(), "--trials", "0")),
+    Case("needle:placement-twice", lambda c: _with_run("needle", c, c.run(), "--placement", "line,line"), expect=("--placement", "twice")),
+    Case("needle:document-empty-item", lambda c: _with_run("needle", c, c.run(), "--document", "4,,8"), expect=("--document", "empty")),
+    Case("needle:depth-names-its-flag", lambda c: _with_run("needle", c, c.run(), "--depth", "1.5"), expect=("--depth ",)),
     Case("needle:lengths-not-numbers", lambda c: _with_run("needle", c, c.run(), "--lengths", "64,abc")),
     Case("needle:capacity-0", lambda c: _with_run("needle", c, c.run(), "--capacity", "0")),
     Case("needle:device-cuda-missing", lambda c: _with_run("needle", c, c.run(), "--device", "cuda"), skip_if=_no_cuda),
@@ -501,3 +504,12 @@ def test_bad_input_real_process(case: Case, tmp_path, tiny_run, monkeypatch):
     argv, before = _prepare(case, tmp_path, tiny_run, monkeypatch)
     r = run_imm(argv, cwd=tmp_path / "work")
     _check(case, r, tmp_path / "work", before)
+
+
+def test_imm_debug_shows_where_an_input_error_was_raised(tmp_path):
+    """IMM_DEBUG=1: the traceback of a refused input too, then the same one line and exit code."""
+    plain = run_imm(["store", "--run", str(tmp_path / "no-such-run")])
+    debug = run_imm(["store", "--run", str(tmp_path / "no-such-run")], IMM_DEBUG="1")
+    assert plain.code == debug.code == 2
+    assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
+    assert debug.stderr.rstrip().splitlines()[-1] == plain.stderr.rstrip().splitlines()[-1]

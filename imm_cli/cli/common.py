@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
 import os
 import re
 import sys
+import traceback
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Iterator
@@ -166,10 +168,10 @@ def handle_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except typer.Exit:
             raise
-        except InputError as e:
-            fail(str(e), 2)
-        except RunError as e:
-            fail(str(e), 1)
+        except (InputError, RunError) as e:
+            if os.environ.get("IMM_DEBUG"):  # where it was raised (and from what), then the same line and code
+                traceback.print_exc()
+            fail(str(e), 2 if isinstance(e, InputError) else 1)
         except KeyboardInterrupt:
             console.print("interrupted")
             raise typer.Exit(130)
@@ -199,21 +201,46 @@ def print_json(doc: dict) -> None:
 
 
 def fmt(x: float | None, digits: int = 3) -> str:
-    if x is None:
+    """A figure for a table: "-" where undefined (None or NaN, null in the JSON), "inf" as it is."""
+    if x is None or (isinstance(x, float) and math.isnan(x)):
         return "-"
     if isinstance(x, float) and not math.isfinite(x):
         return str(x)
     return f"{x:.{digits}f}"
 
 
-def parse_list(text: str, kind, flag: str) -> list:
-    """'256,512' -> [256, 512]; a bad item is an input error naming the flag."""
+@contextlib.contextmanager
+def started_on_demand(progress):
+    """Yields start(): a rich Progress shown from the first call on (an input error found before
+    any work then prints its one line alone, not after the live display's blank line)."""
+    live = False
+
+    def start() -> None:
+        nonlocal live
+        if not live:
+            progress.start()
+            live = True
     try:
-        items = [kind(x) for x in text.split(",") if x.strip()]
+        yield start
+    finally:
+        if live:
+            progress.stop()
+
+
+def parse_list(text: str, kind, flag: str) -> list:
+    """'256,512' -> [256, 512]; a bad, empty or repeated item is an input error naming the flag."""
+    parts = [x.strip() for x in text.split(",")]
+    if not any(parts):
+        raise InputError(f"{flag} is empty")
+    if not all(parts):
+        raise InputError(f"{flag} has an empty item (got {text!r})")
+    try:
+        items = [kind(x) for x in parts]
     except ValueError:
         raise InputError(f"{flag} must be a comma-separated list of {kind.__name__} values (got {text!r})") from None
-    if not items:
-        raise InputError(f"{flag} is empty")
+    seen = [x for i, x in enumerate(items) if x in items[:i]]
+    if seen:
+        raise InputError(f"{flag} names {seen[0]} twice (got {text!r})")
     return items
 
 

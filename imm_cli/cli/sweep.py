@@ -11,7 +11,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from imm_cli.cli.common import (check_out_folder, check_outputs, check_seed, console, fmt, handle_errors, mark_outputs,
-                                parse_list, print_json, safe)
+                                parse_list, print_json, safe, started_on_demand)
 from imm_cli.config import MEMORY_KINDS
 from imm_cli.errors import InputError
 from imm_cli.experiments.sweep import FIGURES, JSONL, PLOT, SETTINGS, SweepSettings, label, run_sweep, varying
@@ -125,11 +125,12 @@ def _with_progress(run):
         t = e["type"]
         if t == "sweep":
             done = f", {e['done']} already done" if e["done"] else ""
-            console.print(f"sweep: {e['points']} points{done}" + ("" if e["todo"] else ": all points done, nothing to train"))
+            console.print(f"sweep: {e['points']} point{'s' if e['points'] != 1 else ''}{done}" + ("" if e["todo"] else ": all points done, nothing to train"))
         elif t == "point":
             console.print(safe(f"point {e['index']}/{e['points']}: {e['point']}"))
             task = None
         elif t == "start":
+            start_progress()
             task = progress.add_task("train", total=None, completed=e["step"], point="  train", loss="-")
         elif t == "step" and task is not None:
             progress.update(task, total=e["iters"], completed=e["step"], loss=f"{e['loss']:.3f}")
@@ -141,7 +142,7 @@ def _with_progress(run):
         elif t == "warning":
             console.print(f"[yellow]warning:[/] {escape(e['message'])}")
 
-    with progress:
+    with started_on_demand(progress) as start_progress:
         return run(on_event)
 
 

@@ -13,7 +13,7 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json
+from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json, started_on_demand
 from imm_cli.config import FLAGS, MEMORY_KINDS, RESUMABLE_FLAGS, MemoryConfig, ModelConfig, TrainConfig, configs_from_flags, flag_values, to_dict
 from imm_cli.errors import InputError
 
@@ -46,9 +46,9 @@ def train(
     lr: float = typer.Option(D.lr, help="Peak learning rate (warmup, then cosine decay to lr/10)."),
     memory_lr: float = typer.Option(MM.lr, help="Linformer memory: EMA rate of a write (notes' best 0.04)."),
     memory_norm: Norm = typer.Option(Norm.layer, help="Linformer memory: state normalisation, layer or l2."),
-    memory_temp: Optional[float] = typer.Option(None, help="Read temperature of the cosine attention [default: 0.8 linformer, 0.05 episodic (learned from there)]."),
-    memory_size: int = typer.Option(MM.size, help="Episodic memory: the budget in entries (one per stored position); when full, the least surprising entries go first."),
-    memory_topk: int = typer.Option(MM.topk, help="Episodic memory: stored entries each position reads, the best-matching ones; 0 = all (dilutes as the memory grows)."),
+    memory_temp: Optional[float] = typer.Option(None, help="Read temperature of the cosine attention [default: 0.8 linformer, 0.05 episodic and knn (learned from there); delta has none]."),
+    memory_size: int = typer.Option(MM.size, help="Episodic and knn memories: the budget in entries (one per stored position); when full, episodic lets the least surprising entries go, knn the oldest."),
+    memory_topk: int = typer.Option(MM.topk, help="Episodic and knn memories: stored entries each position reads, the best-matching ones; 0 = all for episodic (dilutes as the memory grows), 32 for knn (its paper's k)."),
     memory_span: int = typer.Option(MM.span, help="Episodic memory: retention scores a byte by the mean surprise of it and span//2 bytes on each side (1 = its own loss)."),
     memory_trail: bool = typer.Option(MM.trail, "--memory-trail/--no-memory-trail", help="Episodic memory: a byte's retention score is also the mean surprise of the span of bytes up to it, when that is higher than the centred span's (a fact's last bytes keep its run's score); retention acts at inference only."),
     memory_sharp: float = typer.Option(MM.sharp, help="Episodic memory: fixed 1/temperature of a second, sharp read of the same entries (near-exact contexts only); 0 = the learned-temperature read alone."),
@@ -59,9 +59,9 @@ def train(
     memory_keep: float = typer.Option(MM.keep, help="Episodic memory: weight (nats) of a learned keep score (trained on which entries later cues read) added to each entry's retention score; 0 = surprise alone, no keep head."),
     memory_entries: int = typer.Option(MM.entries, help="Episodic memory: positions one write offers at most, most surprising first; 0 = every position."),
     memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),
-    memory_key_dim: int = typer.Option(MM.key_dim, help="Episodic memory: width of keys and queries."),
-    memory_value_dim: int = typer.Option(MM.value_dim, help="Episodic memory: width of a stored byte's value before the output projection; 0 = --embd."),
-    segments: int = typer.Option(D.segments, help="Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with]."),
+    memory_key_dim: int = typer.Option(MM.key_dim, help="Episodic, knn and delta memories: width of keys and queries (knn: over all its heads)."),
+    memory_value_dim: int = typer.Option(MM.value_dim, help="Episodic, knn and delta memories: width of a stored value before the output projection (episodic: a byte's); 0 = --embd."),
+    segments: int = typer.Option(D.segments, show_default=False, help="Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with]."),
     curriculum: float = typer.Option(D.curriculum, help="Share of episodes that are synthetic-fact recall episodes (memory models only)."),
     max_gap: int = typer.Option(D.max_gap, help="Half the steps, 1..max-gap unscored segments of text before each episode's last segment: recall across a gap (episodic memory; 0 = off)."),
     grad_clip: float = typer.Option(D.grad_clip, help="Clip the gradient norm to this; 0 = off."),
@@ -81,8 +81,9 @@ def train(
         if out is not None and out.resolve() != resume.resolve():
             raise InputError(f"--out {out} and --resume {resume} name different folders; a resumed run stays in its folder")
         out = resume
-        model_cfg, train_cfg = _resume_configs(ctx, resume, data)
+        model_cfg, train_cfg, saved_iters = _resume_configs(ctx, resume, data)
     else:
+        saved_iters = None
         model_cfg, train_cfg = configs_from_flags({flag: _plain(ctx.params[flag]) for flag in FLAGS})
         if out is None:
             out = Path("runs") / (f"{memory.value}-s{slots}" if slots else "s0")
@@ -98,7 +99,7 @@ def train(
     if not is_main_process():  # under torchrun only process 0 prints (errors still reach stderr)
         run_training(model_cfg, train_cfg, out, resume=resume is not None)
         return
-    result = _with_progress(lambda cb: run_training(model_cfg, train_cfg, out, resume=resume is not None, on_event=cb))
+    result = _with_progress(lambda cb: run_training(model_cfg, train_cfg, out, resume=resume is not None, on_event=cb), saved_iters)
     _summary(result, model_cfg)
     if json_out:
         print_json({**result.to_dict(), "config": {"model": to_dict(model_cfg), "train": to_dict(train_cfg)}})
@@ -149,12 +150,7 @@ def _resume_configs(ctx: typer.Context, run: Path, data: Optional[Path] = None):
     if state["step"] >= train_cfg.iters:
         raise InputError(f"{run} already trained {state['step']} steps (--iters {train_cfg.iters}); "
                          f"pass --iters above {state['step']} to go on")
-    if train_cfg.iters != saved_train.iters:
-        console.print(f"note: --iters {train_cfg.iters} differs from the run's {saved_train.iters}: from step {state['step']} on, the "
-                      f"learning rate follows a {train_cfg.iters}-step schedule (it jumps to that schedule's rate), so the result "
-                      f"differs from a run trained to {train_cfg.iters} from the start; the same --iters resumes exactly",
-                      highlight=False, soft_wrap=True)
-    return saved_model, train_cfg
+    return saved_model, train_cfg, saved_train.iters
 
 
 def _given(ctx: typer.Context, name: str) -> bool:
@@ -163,7 +159,8 @@ def _given(ctx: typer.Context, name: str) -> bool:
     return getattr(source, "name", "") == "COMMANDLINE"
 
 
-def _with_progress(run):
+def _with_progress(run, saved_iters: int | None = None):
+    """Progress of `run(on_event)`; saved_iters: a resumed run's --iters before this resume."""
     progress = Progress(
         TextColumn("[bold]train[/]"), BarColumn(), TaskProgressColumn(),
         TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tps]} tok/s"),
@@ -182,8 +179,14 @@ def _with_progress(run):
                           + (f", {e['curriculum_episodes']} of them recall curriculum" if e["curriculum_episodes"] else ""))
             if e["step"]:
                 console.print(f"resumed at step {e['step']:,}; training to step {e['iters']:,}")
+                if saved_iters is not None and saved_iters != e["iters"]:
+                    console.print(f"note: --iters {e['iters']} differs from the run's {saved_iters}: from step {e['step']} on, the "
+                                  f"learning rate follows a {e['iters']}-step schedule (it jumps to that schedule's rate), so the "
+                                  f"result differs from a run trained to {e['iters']} from the start; the same --iters resumes exactly",
+                                  highlight=False, soft_wrap=True)
             if e.get("episode_path", "batched") != "batched":  # the slower exact loop: say so, and why
                 console.print(f"episodes run segment by segment ({e['episode_path'].split(': ', 1)[-1]})")
+            start_progress()
             task = progress.add_task("train", total=None, completed=e["step"], loss="-", tps="-", val="")
         elif e["type"] == "step" and task is not None:
             val = progress.tasks[0].fields["val"]
@@ -198,7 +201,7 @@ def _with_progress(run):
         elif e["type"] == "warning":
             console.print(f"[yellow]warning:[/] {e['message']}")
 
-    with progress:
+    with started_on_demand(progress) as start_progress:
         return run(on_event)
 
 

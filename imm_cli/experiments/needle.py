@@ -306,8 +306,10 @@ def check_settings(s: NeedleSettings, facts: list[Fact]) -> None:
         raise InputError("needle needs at least 2 facts (recall@1 and the other-facts control compare facts)")
     if not 1 <= s.trials <= 100:
         raise InputError(f"--trials must be between 1 and 100 (got {s.trials})")
-    if not 0 <= s.depth <= 1 or not all(0 <= d <= 1 for d in s.depths):
-        raise InputError("depths must be between 0 and 1")
+    if not 0 <= s.depth <= 1:
+        raise InputError(f"--depth must be between 0 and 1 (got {s.depth:g})")
+    if not all(0 <= d <= 1 for d in s.depths):
+        raise InputError(f"--depths must be between 0 and 1 (got {','.join(f'{d:g}' for d in s.depths)})")
     if not s.placements or any(p not in probe.PLACEMENTS for p in s.placements):
         raise InputError(f"--placement must be line, prose or both (got {','.join(s.placements) or 'nothing'})")
     for name, values in (("--length", (s.length,)), ("--lengths", s.lengths), ("--distance", s.distance)):
