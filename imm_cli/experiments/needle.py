@@ -92,6 +92,18 @@ def _fits_in_window(model: GPT, f: Fact, r_max: int) -> bool:
     return len(f.text.encode()) + 2 + 1 + len(f.cue.encode()) + r_max - 1 <= model.cfg.block_size
 
 
+def _in_window_rows(model: GPT, facts: list[Fact], rests: list[bytes]) -> tuple[list[int], int]:
+    """The facts the fact-in-window control tests, and the longest rest their batch generates: the
+    largest set in which each fact, a newline, its cue and the set's longest rest fit one window
+    (so one fact too long for the window leaves out itself, not the short ones beside it)."""
+    best, best_r = [], 0
+    for r in sorted({len(x) for x in rests}):
+        rows = [i for i, f in enumerate(facts) if len(rests[i]) <= r and _fits_in_window(model, f, r)]
+        if len(rows) > len(best):
+            best, best_r = rows, r
+    return best, best_r
+
+
 @torch.no_grad()
 def _evaluate(model: GPT, state, prompts: torch.Tensor, rests: list[bytes], with_rank: bool = True,
               written: list[bytes] | None = None, cues: list[str] | None = None) -> dict:
@@ -141,8 +153,7 @@ def run_trial(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings
     out = {"memory": _evaluate(model, written, prompts, rests, written=hay, cues=[f.cue for f in facts]),
            "fresh": _evaluate(model, model.init_state(N, device), prompts, rests),
            "other_facts": _evaluate(model, _rotate(written), prompts, rests)}
-    r_max = max(len(r) for r in rests)
-    fit = [i for i, f in enumerate(facts) if _fits_in_window(model, f, r_max)]
+    fit, r_max = _in_window_rows(model, facts, rests)
     if fit:  # the fact in the window, then the cue (the fact's own placement): only for facts that fit
         B = model.cfg.block_size
         P_ic = B - r_max + 1
@@ -334,8 +345,8 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
     t0 = time.perf_counter()
     model.eval()
     notes = []
-    r_max = max(len(r) for r in probe.encode_rests(facts))
-    too_long = [i + 1 for i, f in enumerate(facts) if not _fits_in_window(model, f, r_max)]
+    fit = set(_in_window_rows(model, facts, probe.encode_rests(facts))[0])
+    too_long = [i + 1 for i in range(len(facts)) if i not in fit]
     if too_long:
         notes.append(f"fact(s) {', '.join(map(str, too_long))} do not fit the {model.cfg.block_size}-byte window beside "
                      f"their cue: the fact-in-window control leaves them out" + (" (no fact fits: null)" if len(too_long) == len(facts) else ""))
