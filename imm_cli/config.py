@@ -55,6 +55,7 @@ class MemoryConfig:
     keep: float = 0.0  # episodic: weight (nats) of a learned keep score added to an entry's retention score; 0 = surprise alone
     copy: bool = False  # episodic: mix the sharp read's next-byte distribution into the output, its weight learned (kNN-LM); measured worse, off
     knn_lm: float = 0.35  # episodic: at inference only, mix it in with this fixed weight instead (kNN-LM); 0 = off; 0.2 is validation loss's best by 0.0002, 0.35 recalls more facts (README)
+    knn_exact: float = 0.5  # episodic: the kNN-LM weight of stored entries whose context matches exactly (cosine >= 0.999) where above knn_lm (Drozdov et al. 2022: trust a retrieval by how well it matches); 0 = knn_lm for every entry
     drop: float = 0.0  # episodic, training only: each stored entry is hidden from reads with this probability, as if retention had let it go
     local: bool = True  # episodic: positions also read the entries of earlier positions of their own segment
     decay: float = 1.0  # episodic: retention scores are multiplied by this at every write (< 1: older entries go first)
@@ -88,6 +89,7 @@ class MemoryConfig:
         _require(self.sharp == 0 or 1 <= self.sharp <= 1000, f"--memory-sharp must be 0 (off) or between 1 and 1000 (got {self.sharp})")
         _require(0 <= self.drop < 1, f"--memory-drop must be in [0, 1) (got {self.drop})")
         check_knn_lm(self.knn_lm)
+        check_knn_lm(self.knn_exact, "--memory-knn-exact")
         _require(0 < self.decay <= 1, f"--memory-decay must be in (0, 1] (got {self.decay})")
         return self
 
@@ -201,7 +203,7 @@ def to_dict(obj) -> dict:
 FLAGS: dict[str, tuple[str, str]] = {
     "slots": ("memory", "slots"), "memory": ("memory", "kind"), "memory_lr": ("memory", "lr"),
     "memory_norm": ("memory", "norm"), "memory_temp": ("memory", "temp"), "memory_size": ("memory", "size"),
-    "memory_topk": ("memory", "topk"), "memory_span": ("memory", "span"), "memory_trail": ("memory", "trail"), "memory_sharp": ("memory", "sharp"), "memory_local": ("memory", "local"), "memory_copy": ("memory", "copy"), "memory_knn_lm": ("memory", "knn_lm"), "memory_keep": ("memory", "keep"), "memory_drop": ("memory", "drop"), "memory_entries": ("memory", "entries"), "memory_key_bytes": ("memory", "key_bytes"),
+    "memory_topk": ("memory", "topk"), "memory_span": ("memory", "span"), "memory_trail": ("memory", "trail"), "memory_sharp": ("memory", "sharp"), "memory_local": ("memory", "local"), "memory_copy": ("memory", "copy"), "memory_knn_lm": ("memory", "knn_lm"), "memory_knn_exact": ("memory", "knn_exact"), "memory_keep": ("memory", "keep"), "memory_drop": ("memory", "drop"), "memory_entries": ("memory", "entries"), "memory_key_bytes": ("memory", "key_bytes"),
     "memory_key_dim": ("memory", "key_dim"), "memory_value_dim": ("memory", "value_dim"),
     "layers": ("model", "n_layer"), "heads": ("model", "n_head"), "embd": ("model", "n_embd"), "block_size": ("model", "block_size"),
     "batch_size": ("train", "batch_size"), "iters": ("train", "iters"), "lr": ("train", "lr"), "segments": ("train", "segments"),
@@ -233,7 +235,7 @@ def flag_values(model: ModelConfig, train: TrainConfig) -> dict:
 
 
 # fields that configs written before they existed may lack, with the value that means the old behaviour
-LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0, "trail": False, "drop": 0.0}}
+LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0, "trail": False, "drop": 0.0, "knn_exact": 0.0}}
 # what runs from before the entry budget mean, for experiments only (a resume refuses them: training
 # would continue under another memory): the dense read they were trained with, retention by a byte's
 # own surprise, and the same capacity as their slots x block entries (size None: computed below)

@@ -177,6 +177,7 @@ CASES: list[Case] = [
     Case("train:memory-key-dim-0", lambda c: train(c, "--memory-key-dim", "0")),
     Case("train:memory-knn-lm-1", lambda c: train(c, "--memory-knn-lm", "1"), expect=("--memory-knn-lm",)),
     Case("train:memory-drop-1", lambda c: train(c, "--memory-drop", "1"), expect=("--memory-drop",)),
+    Case("train:memory-knn-exact-1", lambda c: train(c, "--memory-knn-exact", "1"), expect=("--memory-knn-exact",)),
     Case("train:memory-value-dim-negative", lambda c: train(c, "--memory-value-dim", "-1")),
     Case("train:heads-not-dividing-embd", lambda c: train(c, "--heads", "3", "--embd", "32")),
     Case("train:lr-0", lambda c: train(c, "--lr", "0")),
@@ -366,6 +367,7 @@ for _cmd in FACT_COMMANDS:
         Case(f"{_cmd}:facts-dangling-symlink", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.dangling()]),
         Case(f"{_cmd}:knn-lm-1", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-lm", "1"), expect=("--knn-lm",)),
         Case(f"{_cmd}:knn-lm-negative", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-lm", "-0.1"), expect=("--knn-lm",)),
+        Case(f"{_cmd}:knn-exact-1", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-exact", "1"), expect=("--knn-exact",)),
     ]
 
 

@@ -128,6 +128,35 @@ def test_knn_lm_mixes_at_inference_only():
     assert probe.complete(model, state, prompts, max(len(r) for r in rests)) != gen  # the same model, its own output
 
 
+def test_an_exact_context_votes_with_knn_exact():
+    """--memory-knn-exact: a stored entry whose context is exactly the query's proposes its byte with
+    that weight, any other entry with --memory-knn-lm (Drozdov et al. 2022); --knn-lm 0 mixes nothing."""
+    from imm_cli.experiments.setup import set_knn_lm
+    from imm_cli.memory import Segment
+    from imm_cli.memory.episodic import EXACT_COS
+
+    model = tiny(1, knn_lm=0.2)
+    state, _, _, texts, _ = _written(model)
+    ids = probe.as_ids([t.ljust(64)[:48] for t in texts], "cpu")
+    ids[:, 30] = ord("#")  # the 16 positions after it have no exact stored context
+    seg = Segment(ids=ids, prev=ids[:, :0], targets=ids)
+    mem = model.memory
+    copied = {}
+    for exact in (0.0, 0.6):
+        set_knn_lm(model, 0.2, exact)
+        with torch.no_grad():
+            parts = mem._segment_parts(seg, state)
+            mem._gated(torch.zeros(*ids.shape, model.cfg.n_embd), mem._mix(parts), parts)
+        copied[exact] = mem.copied.sum(-1)
+    sharp, same = parts["attn"][-1], parts["cos"] >= EXACT_COS
+    on_exact, on_other = (sharp * same).sum(-1), (sharp * ~same).sum(-1)
+    assert on_exact.max() > 0.5 and on_other.max() > 0.5  # both kinds of entry are read somewhere
+    torch.testing.assert_close(copied[0.0], 0.2 * (on_exact + on_other))
+    torch.testing.assert_close(copied[0.6], 0.6 * on_exact + 0.2 * on_other)
+    set_knn_lm(model, 0.0)
+    assert not mem.copies  # the weight 0 is the model's own distribution, whatever knn_exact says
+
+
 def test_knn_lm_override_needs_the_episodic_memory():
     from imm_cli.errors import InputError
     from imm_cli.experiments.setup import set_knn_lm

@@ -331,6 +331,15 @@ def test_knn_lm_override_is_recorded(tiny_runs, tmp_path):
     assert json.loads((tiny_runs["episodic"] / "config.json").read_text())["model"]["memory"]["knn_lm"] == MemoryConfig.knn_lm  # the run is untouched
 
 
+def test_knn_exact_override_is_recorded(tiny_runs, tmp_path):
+    r = runner.invoke(app, ["recall", "--run", str(tiny_runs["episodic"]), "--facts", "examples/facts.txt",
+                            "--out", str(tmp_path / "o"), "--knn-lm", "0.3", "--knn-exact", "0.7", "--json"])
+    assert r.exit_code == 0, r.output
+    model = json.loads(r.stdout)["model"]
+    assert (model["knn_lm"], model["knn_exact"]) == (0.3, 0.7)
+    assert "kNN-LM mix 0.3 (0.7 exact)" in " ".join(r.stderr.split())
+
+
 def test_facts_longer_than_the_window_are_measured(tiny_runs, tmp_path):
     """A fact longer than the window is written, cued and generated past the window; only the
     fact-in-window control, which cannot hold it, is null with a note."""

@@ -245,8 +245,11 @@ def parse_list(text: str, kind, flag: str) -> list:
 
 
 def knn_label(model: dict) -> str:
-    """', kNN-LM mix 0.35' (or ', no kNN-LM mix') for an experiment's title; '' where the memory has none."""
-    w = model.get("knn_lm")
+    """', kNN-LM mix 0.35 (0.5 exact)' (or ', no kNN-LM mix') for an experiment's title; '' where the
+    memory has none."""
+    w, exact = model.get("knn_lm"), model.get("knn_exact")
     if w is None:
         return ""
-    return f", kNN-LM mix {w:g}" if w else ", no kNN-LM mix"
+    if not w:
+        return ", no kNN-LM mix"
+    return f", kNN-LM mix {w:g}" + (f" ({exact:g} exact)" if exact and exact > w else "")

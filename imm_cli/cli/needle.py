@@ -11,7 +11,7 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import _clean, console, handle_errors, knn_label, mark_outputs, parse_list, print_json, safe
-from imm_cli.cli.store import FORCE_HELP, KNN_LM_HELP, open_with_facts
+from imm_cli.cli.store import FORCE_HELP, KNN_EXACT_HELP, KNN_LM_HELP, open_with_facts
 from imm_cli.errors import InputError
 from imm_cli.experiments.misses import CAUSES
 from imm_cli.experiments.needle import CONDITIONS, NeedleSettings, check_settings, run_needle
@@ -41,6 +41,7 @@ def needle(
     out: Optional[Path] = typer.Option(None, help="Folder for needle.json and the plots [default: the run folder]."),
     device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
     knn_lm: Optional[float] = typer.Option(None, "--knn-lm", help=KNN_LM_HELP),
+    knn_exact: Optional[float] = typer.Option(None, "--knn-exact", help=KNN_EXACT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
@@ -55,7 +56,7 @@ def needle(
     if not 1 <= trials <= MAX_TRIALS:
         raise InputError(f"--trials must be between 1 and {MAX_TRIALS} (got {trials})")
     check_settings(settings, load_facts(facts) if facts.is_file() else [])
-    with open_with_facts(run, facts, out, "needle", NEEDLE_FILES, force, device, seed, knn_lm) as (out_dir, model, text, fact_list):
+    with open_with_facts(run, facts, out, "needle", NEEDLE_FILES, force, device, seed, knn_lm, knn_exact) as (out_dir, model, text, fact_list):
         with console.status("needle: writing haystacks and testing recall"):
             result = run_needle(model, fact_list, text, settings)
         doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import _clean, console, handle_errors, knn_label, mark_outputs, print_json, safe
-from imm_cli.cli.store import FORCE_HELP, KNN_LM_HELP, open_with_facts
+from imm_cli.cli.store import FORCE_HELP, KNN_EXACT_HELP, KNN_LM_HELP, open_with_facts
 from imm_cli.experiments.misses import summary_line
 from imm_cli.experiments.recall import run_recall
 
@@ -27,11 +27,12 @@ def recall(
     out: Optional[Path] = typer.Option(None, help="Folder for recall.json and context_influence.png [default: the run folder]."),
     device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
     knn_lm: Optional[float] = typer.Option(None, "--knn-lm", help=KNN_LM_HELP),
+    knn_exact: Optional[float] = typer.Option(None, "--knn-exact", help=KNN_EXACT_HELP),
     force: bool = typer.Option(False, "--force", help=FORCE_HELP),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Show each fact once (memory updates on), then complete each cue with the memory frozen."""
-    with open_with_facts(run, facts, out, "recall", RECALL_FILES, force, device, seed, knn_lm) as (out_dir, model, text, fact_list):
+    with open_with_facts(run, facts, out, "recall", RECALL_FILES, force, device, seed, knn_lm, knn_exact) as (out_dir, model, text, fact_list):
         result = run_recall(model, fact_list, text, seed=seed, context=context, placement=placement)
         doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}
         from imm_cli.plots.recall import plot_context_influence

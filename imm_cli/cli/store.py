@@ -31,6 +31,8 @@ OUT_HELP = "Folder for the plots and the JSON result [default: the run folder]."
 FORCE_HELP = "Replace files of the same names in --out that imm did not write."
 KNN_LM_HELP = ("Mix the episodic memory's sharp read into the output with this fixed weight instead of the run's "
                "(--memory-knn-lm; 0 = the model's own distribution alone): inference only.")
+KNN_EXACT_HELP = ("The mix's weight for stored entries whose context matches exactly, instead of the run's "
+                  "(--memory-knn-exact; 0 = --knn-lm for every entry): inference only.")
 
 
 # --- shared by store and usage ---------------------------------------------------------------------
@@ -50,21 +52,22 @@ def check_out(run: Path, out: Optional[Path], command: str, names: tuple[str, ..
 
 @contextmanager
 def open_with_facts(run: Path, facts: Path, out: Optional[Path], command: str, names: tuple[str, ...], force: bool,
-                    device: str, seed: int, knn_lm: Optional[float] = None):
+                    device: str, seed: int, knn_lm: Optional[float] = None, knn_exact: Optional[float] = None):
     """What recall and needle do first: check the seed, the run, the output folder and the facts file
     before any work; then, holding the output folder, open the run and its facts.
-    Yields (output folder, model, held-out text, facts); `knn_lm` overrides the run's kNN-LM weight."""
+    Yields (output folder, model, held-out text, facts); `knn_lm`, `knn_exact` override the run's kNN-LM weights."""
     from imm_cli.experiments.setup import check_knn_lm, open_facts, open_run, set_knn_lm
     from imm_cli.facts import load_facts
 
     check_seed(seed)
     check_knn_lm(knn_lm)
+    check_knn_lm(knn_exact, "--knn-exact")
     out_dir = check_out(run, out, command, names, force)
     load_facts(facts)  # the file and its lines (whether they fit the model: open_facts)
     with holding(out_dir):
         model, _, text = open_run(run, device)
-        if knn_lm is not None:
-            set_knn_lm(model, knn_lm)
+        if knn_lm is not None or knn_exact is not None:
+            set_knn_lm(model, knn_lm, knn_exact)
         yield out_dir, model, text, open_facts(facts, model)
 
 

@@ -37,7 +37,7 @@ import torch
 
 from imm_cli.errors import InputError
 from imm_cli.experiments import misses, probe
-from imm_cli.experiments.setup import knn_lm_of
+from imm_cli.experiments.setup import mix_of
 from imm_cli.facts import Fact
 from imm_cli.model import GPT
 
@@ -383,7 +383,7 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
         settings={**asdict(s), "facts": len(facts)},
         model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": model.cfg.block_size,
                "memory_size": getattr(model.memory, "size", None), "topk": model.cfg.memory.topk,
-               "knn_lm": knn_lm_of(model)},
+               **mix_of(model)},
         conditions=conditions,
         placements=placements,
         misses=miss,

@@ -23,7 +23,7 @@ import torch
 
 from imm_cli.errors import InputError
 from imm_cli.experiments import misses, probe
-from imm_cli.experiments.setup import knn_lm_of
+from imm_cli.experiments.setup import mix_of
 from imm_cli.facts import Fact
 from imm_cli.model import GPT
 
@@ -146,7 +146,7 @@ def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, c
     return RecallResult(
         settings={"seed": seed, "context": context, "facts": N, "bytes_shown": n_shown, "placement": placement},
         model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": B,
-               "knn_lm": knn_lm_of(model)},
+               **mix_of(model)},
         facts=rows, summary=summary, context_influence=ctx,
         seconds=time.perf_counter() - t0, verdict=verdict, misses=why,
     )

@@ -24,10 +24,10 @@ def open_run(run: Path, device: str = "cpu") -> tuple[GPT, dict, np.ndarray]:
     return model, cfg, corpus.val
 
 
-def check_knn_lm(weight: float | None) -> None:
+def check_knn_lm(weight: float | None, flag: str = "--knn-lm") -> None:
     """An experiment's kNN-LM weight override (None: the run's own), by training's range rule."""
     if weight is not None:
-        config.check_knn_lm(weight, "--knn-lm")
+        config.check_knn_lm(weight, flag)
 
 
 def knn_lm_of(model: GPT) -> float | None:
@@ -35,14 +35,23 @@ def knn_lm_of(model: GPT) -> float | None:
     return model.cfg.memory.knn_lm if model.memory is not None and model.cfg.memory.kind == "episodic" else None
 
 
-def set_knn_lm(model: GPT, weight: float) -> None:
-    """Let an experiment mix the episodic memory's sharp read into the output with another fixed
-    weight than the run's (0: the model's own distribution alone): inference only, weights unchanged."""
+def mix_of(model: GPT) -> dict:
+    """What an experiment's JSON records of the kNN-LM mix it measured with (None where there is none)."""
+    on = knn_lm_of(model) is not None
+    return {"knn_lm": knn_lm_of(model), "knn_exact": model.cfg.memory.knn_exact if on else None}
+
+
+def set_knn_lm(model: GPT, weight: float | None, exact: float | None = None) -> None:
+    """Let an experiment mix the episodic memory's sharp read into the output with other fixed
+    weights than the run's (`weight` 0: the model's own distribution alone; `exact`: the weight of
+    exactly matching contexts; None keeps the run's): inference only, weights unchanged."""
     check_knn_lm(weight)
+    check_knn_lm(exact, "--knn-exact")
     if knn_lm_of(model) is None:
-        raise InputError("--knn-lm: only the episodic memory proposes next bytes (this run's memory: "
-                         f"{model.cfg.memory.kind if model.memory is not None else 'none'})")
-    mem = replace(model.cfg.memory, knn_lm=weight)
+        raise InputError(f"{'--knn-lm' if weight is not None else '--knn-exact'}: only the episodic memory proposes next bytes "
+                         f"(this run's memory: {model.cfg.memory.kind if model.memory is not None else 'none'})")
+    mem = model.cfg.memory
+    mem = replace(mem, knn_lm=mem.knn_lm if weight is None else weight, knn_exact=mem.knn_exact if exact is None else exact)
     model.cfg = replace(model.cfg, memory=mem)
     model.memory.cfg = mem
 

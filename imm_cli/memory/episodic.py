@@ -64,6 +64,7 @@ from imm_cli.memory.base import PAD, Memory, Segment, State
 SURE = math.log(4 / 3)  # a byte predicted with p > 3/4 (loss below this) is scored by its own loss
 GATHER_K = 32  # up to this many stored entries per query, their values are gathered; beyond, summed per byte id
 READ_CHUNK = 8192  # stored entries scored per matmul when taking the top-k (bounds memory at 65K entries)
+EXACT_COS = 0.999  # a stored context this close to the query's is the same bytes (knn_exact): float rounding aside
 
 
 @dataclass
@@ -260,7 +261,7 @@ class EpisodicMemory(Memory):
             nulls.append(self.sharp_null)
         attn = _read_softmax(cos, unseen, torch.stack(scales), torch.stack(nulls))  # (C b n e)
         k = st_cos.shape[-1]
-        return {"attn": attn, "stored_ids": st_ids, "local_ids": local_ids, "k": k, "stored_idx": st_idx,
+        return {"attn": attn, "stored_ids": st_ids, "local_ids": local_ids, "k": k, "stored_idx": st_idx, "cos": cos,
                 "stored_attn": attn[0][..., :k], "local_attn": attn[0][..., k:].sum(-1)}
 
     def _outs(self) -> list[nn.Linear]:
@@ -318,10 +319,19 @@ class EpisodicMemory(Memory):
         (the last channel's), times lambda (kNN-LM, Khandelwal et al. 2020: p = (1 - lambda) p_model
         + lambda p_memory, here with lambda times the read's own confidence, so "nothing matches"
         leaves the model's distribution as it is). lambda: the learned copy weight with `copy`, else
-        the fixed `knn_lm`."""
+        the fixed `knn_lm`, raised to `knn_exact` for entries whose context is exactly the query's
+        (Drozdov et al. 2022 weigh a retrieval by how well its context matches: an exact 16-byte context
+        is followed by its stored byte far more often than a near one)."""
         if self.copies:
-            weight = torch.sigmoid(self.copy_gate(h)) if self.cfg.copy else self.cfg.knn_lm
-            self.copied = weight * self._per_byte(parts, parts["attn"][-1])[..., :PAD]
+            sharp = parts["attn"][-1]
+            if self.cfg.copy:
+                self.copied = torch.sigmoid(self.copy_gate(h)) * self._per_byte(parts, sharp)[..., :PAD]
+            else:  # an entry whose context is exactly the query's votes with knn_exact, any other with knn_lm
+                lam, exact = self.cfg.knn_lm, self.cfg.knn_exact
+                if exact > lam:
+                    self.copied = self._per_byte(parts, sharp * torch.where(parts["cos"] >= EXACT_COS, exact, lam))[..., :PAD]
+                else:
+                    self.copied = lam * self._per_byte(parts, sharp)[..., :PAD]
         gate = torch.sigmoid(self.gate(h))
         if self.observe:
             slot = self.slot_of_entries(h.device)[parts["stored_idx"]]  # (b n k)
