@@ -11,7 +11,7 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import _clean, console, handle_errors, knn_label, mark_outputs, parse_list, print_json, safe
-from imm_cli.cli.store import FORCE_HELP, KNN_EXACT_HELP, KNN_LM_HELP, open_with_facts
+from imm_cli.cli.store import open_with_facts, with_fact_options
 from imm_cli.errors import InputError
 from imm_cli.experiments.misses import CAUSES
 from imm_cli.experiments.needle import CONDITIONS, NeedleSettings, check_settings, run_needle
@@ -23,9 +23,8 @@ MAX_TRIALS = 100  # haystack draws: each is a full pass over the facts
 
 
 @handle_errors
+@with_fact_options
 def needle(
-    run: Path = typer.Option(..., help="Run folder made by `imm train`."),
-    facts: Path = typer.Option(..., help="Facts file, one per line; the cue is the first two words (e.g. examples/facts.txt)."),
     length: int = typer.Option(D.length, help="Haystack length in bytes around each fact."),
     depth: float = typer.Option(D.depth, help="Where the fact sits in its haystack: 0 = start, 1 = end."),
     trials: int = typer.Option(D.trials, help="Haystack draws; figures are mean and std over them."),
@@ -38,12 +37,8 @@ def needle(
     spacing: int = typer.Option(D.spacing, help="Bytes of text per fact in the capacity document."),
     sweeps: bool = typer.Option(True, "--sweeps/--no-sweeps", help="Run the heatmap, the distance curve and the capacity document."),
     seed: int = typer.Option(D.seed, help="Seed of haystacks and test contexts."),
-    out: Optional[Path] = typer.Option(None, help="Folder for needle.json and the plots [default: the run folder]."),
-    device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
-    knn_lm: Optional[float] = typer.Option(None, "--knn-lm", help=KNN_LM_HELP),
-    knn_exact: Optional[float] = typer.Option(None, "--knn-exact", help=KNN_EXACT_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    *, run: Path, facts: Path, out: Optional[Path], device: str, knn_lm: Optional[float], knn_exact: Optional[float],
+    force: bool, json_out: bool,
 ) -> None:
     """Needle in a haystack: memory vs fresh memory vs other facts vs fact in the window."""
     settings = NeedleSettings(

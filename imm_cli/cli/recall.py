@@ -10,7 +10,7 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import _clean, console, handle_errors, knn_label, mark_outputs, print_json, safe
-from imm_cli.cli.store import FORCE_HELP, KNN_EXACT_HELP, KNN_LM_HELP, open_with_facts
+from imm_cli.cli.store import open_with_facts, with_fact_options
 from imm_cli.experiments.misses import summary_line
 from imm_cli.experiments.recall import run_recall
 
@@ -18,18 +18,13 @@ RECALL_FILES = ("recall.json", "context_influence.png")
 
 
 @handle_errors
+@with_fact_options
 def recall(
-    run: Path = typer.Option(..., help="Run folder made by `imm train` (with memory)."),
-    facts: Path = typer.Option(..., help="Facts file, one per line; the cue is the first two words (e.g. examples/facts.txt)."),
     context: int = typer.Option(32, help="Bytes of other text before the cue in the test context."),
     placement: str = typer.Option("line", help="line: the facts one per line, cues at line starts; prose: each fact inside a line of running text, its cue after other words on its line."),
     seed: int = typer.Option(0, help="Seed of the test contexts."),
-    out: Optional[Path] = typer.Option(None, help="Folder for recall.json and context_influence.png [default: the run folder]."),
-    device: str = typer.Option("cpu", help="cpu, cuda, mps or auto."),
-    knn_lm: Optional[float] = typer.Option(None, "--knn-lm", help=KNN_LM_HELP),
-    knn_exact: Optional[float] = typer.Option(None, "--knn-exact", help=KNN_EXACT_HELP),
-    force: bool = typer.Option(False, "--force", help=FORCE_HELP),
-    json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    *, run: Path, facts: Path, out: Optional[Path], device: str, knn_lm: Optional[float], knn_exact: Optional[float],
+    force: bool, json_out: bool,
 ) -> None:
     """Show each fact once (memory updates on), then complete each cue with the memory frozen."""
     with open_with_facts(run, facts, out, "recall", RECALL_FILES, force, device, seed, knn_lm, knn_exact) as (out_dir, model, text, fact_list):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import json
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +34,27 @@ KNN_LM_HELP = ("Mix the episodic memory's sharp read into the output with this f
                "(--memory-knn-lm; 0 = the model's own distribution alone): inference only.")
 KNN_EXACT_HELP = ("The mix's weight for stored entries whose context matches exactly, instead of the run's "
                   "(--memory-knn-exact; 0 = --knn-lm for every entry): inference only.")
+FACTS_HELP = "Facts file, one per line; the cue is the first two words (e.g. examples/facts.txt)."
+
+
+def with_fact_options(command):
+    """recall's and needle's shared options, declared once: --run and --facts first, then the
+    command's own options, then --out, --device, --knn-lm, --knn-exact, --force and --json. The
+    command takes them as keyword-only parameters of the same names; typer reads this signature."""
+    P = inspect.Parameter
+    first = [("run", Path, typer.Option(..., help="Run folder made by `imm train` (with memory).")),
+             ("facts", Path, typer.Option(..., help=FACTS_HELP))]
+    last = [("out", Optional[Path], typer.Option(None, help="Folder for the JSON result and the plots [default: the run folder].")),
+            ("device", str, typer.Option("cpu", help="cpu, cuda, mps or auto.")),
+            ("knn_lm", Optional[float], typer.Option(None, "--knn-lm", help=KNN_LM_HELP)),
+            ("knn_exact", Optional[float], typer.Option(None, "--knn-exact", help=KNN_EXACT_HELP)),
+            ("force", bool, typer.Option(False, "--force", help=FORCE_HELP)),
+            ("json_out", bool, typer.Option(False, "--json", help="Print one JSON document on stdout."))]
+    shared = {name for name, _, _ in first + last}
+    own = [p.replace(kind=P.KEYWORD_ONLY) for p in inspect.signature(command).parameters.values() if p.name not in shared]
+    declare = lambda specs: [P(name, P.KEYWORD_ONLY, default=opt, annotation=kind) for name, kind, opt in specs]  # noqa: E731
+    command.__signature__ = inspect.Signature([*declare(first), *own, *declare(last)])
+    return command
 
 
 # --- shared by store and usage ---------------------------------------------------------------------
