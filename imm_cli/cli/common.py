@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import math
@@ -209,7 +208,7 @@ def fmt(x: float | None, digits: int = 3) -> str:
     return f"{x:.{digits}f}"
 
 
-@contextlib.contextmanager
+@contextmanager
 def started_on_demand(progress):
     """Yields start(): a rich Progress shown from the first call on (an input error found before
     any work then prints its one line alone, not after the live display's blank line)."""

@@ -37,8 +37,8 @@ def knn_lm_of(model: GPT) -> float | None:
 
 def mix_of(model: GPT) -> dict:
     """What an experiment's JSON records of the kNN-LM mix it measured with (None where there is none)."""
-    on = knn_lm_of(model) is not None
-    return {"knn_lm": knn_lm_of(model), "knn_exact": model.cfg.memory.knn_exact if on else None}
+    weight = knn_lm_of(model)
+    return {"knn_lm": weight, "knn_exact": None if weight is None else model.cfg.memory.knn_exact}
 
 
 def set_knn_lm(model: GPT, weight: float | None, exact: float | None = None) -> None:
