@@ -488,6 +488,27 @@ def test_every_train_flag_is_declared_once_in_the_flags_table():
         assert name in {f.name for f in dataclasses.fields(fields[section])}, flag
 
 
+def test_train_and_sweep_take_their_shared_flags_from_one_declaration():
+    """cli/flags.py declares each training flag once: sweep's shared flags carry train's help text
+    (plus a note), and their types come from the configs (a list flag is a comma-separated str)."""
+    import typer
+
+    from imm_cli.cli.app import app
+    from imm_cli.cli.flags import HELP
+
+    commands = typer.main.get_command(app).commands
+    train = {p.name: p for p in commands["train"].params}
+    sweep = {p.name: p for p in commands["sweep"].params}
+    shared = set(train) & set(sweep) & set(HELP) - {"device"}  # sweep's --device runs the needle test too: its own text
+    assert {"slots", "memory", "layers", "embd", "batch_size", "iters", "seed", "data", "memory_temp"} <= shared
+    for flag in HELP:
+        assert train[flag].help == HELP[flag], flag
+    for flag in shared:
+        assert sweep[flag].help.startswith(HELP[flag]), flag
+    assert sweep["slots"].type.name != train["slots"].type.name  # swept: a list as text, not an int
+    assert sweep["layers"].default == 4 and train["memory"].default.value == "episodic"
+
+
 def test_table_is_large_enough():
     active = [c for c in CASES if c.command in REGISTERED or c.command == "unknown-command"]
     assert len(active) >= 25

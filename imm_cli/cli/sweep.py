@@ -12,7 +12,7 @@ from rich.table import Table
 
 from imm_cli.cli.common import (check_out_folder, check_outputs, check_seed, console, fmt, handle_errors, mark_outputs,
                                 parse_list, print_json, safe, started_on_demand)
-from imm_cli.config import MEMORY_KINDS
+from imm_cli.cli.flags import option, with_flags
 from imm_cli.errors import InputError
 from imm_cli.experiments.sweep import FIGURES, JSONL, PLOT, SETTINGS, SweepSettings, label, run_sweep, varying
 
@@ -34,28 +34,25 @@ def _temps(text: str) -> list:
     return items
 
 
+SWEPT = "Comma-separated: one point per value, the grid every combination."
+SWEEP_FLAGS = [
+    *(option(flag, getattr(D, flag), SWEPT, listed=True) for flag in ("slots", "memory", "block_size", "memory_lr", "memory_norm")),
+    option("memory_temp", D.memory_temp, SWEPT + " auto = the kind's default.", listed=True),
+    *(option(flag, getattr(D, flag), "(Every point.)") for flag in ("iters", "layers", "heads", "embd", "batch_size", "seed", "data")),
+]
+
+
 @handle_errors
+@with_flags(SWEEP_FLAGS)
 def sweep(
-    slots: str = typer.Option("8", help="Memory slots, comma-separated (e.g. 4,8,16)."),
-    block_size: str = typer.Option("128", help="Segment lengths in bytes, comma-separated."),
-    memory_lr: str = typer.Option("0.04", help="Linformer EMA rates of a write, comma-separated."),
-    memory_norm: str = typer.Option("layer", help="Linformer state normalisations, comma-separated (layer, l2)."),
-    memory_temp: str = typer.Option("auto", help="Read temperatures, comma-separated; auto = the memory kind's default."),
-    memory: str = typer.Option(",".join(D.memory), help=f"Memory kinds, comma-separated ({', '.join(MEMORY_KINDS)}); episodic by default, as `imm train`; --memory-lr and --memory-norm act on linformer only."),
-    iters: int = typer.Option(D.iters, help="Training steps of every point."),
-    layers: int = typer.Option(D.layers, help="Transformer blocks (every point)."),
-    heads: int = typer.Option(D.heads, help="Attention heads per block (every point)."),
-    embd: int = typer.Option(D.embd, help="Residual stream width (every point)."),
-    batch_size: int = typer.Option(D.batch_size, help="Segments per training step (every point)."),
-    seed: int = typer.Option(D.seed, help="Seed of every point's training."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or mps for training and the needle test."),
-    data: Optional[Path] = typer.Option(None, help="UTF-8 text file to train on [default: the embedded Shakespeare corpus]."),
     facts: Optional[Path] = typer.Option(None, help="Facts for the needle figures [default: examples/facts.txt when it exists]."),
     sequences: int = typer.Option(D.sequences, help="Sequences walked by the store and usage figures."),
     rank_by: str = typer.Option("needle_recall_at_1", help=f"Figure that ranks the points, ties by validation loss: {', '.join(FIGURES)}."),
     out: Path = typer.Option(Path("runs/sweep"), help="Sweep folder; running again on it goes on where it stopped."),
     force: bool = typer.Option(False, "--force", help="Use an --out folder holding files of the same names that imm did not write."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+    **flags,
 ) -> None:
     """Grid over memory settings: short trainings ranked by needle recall@1 (then validation loss); resumable."""
     if facts is None:
@@ -68,6 +65,7 @@ def sweep(
         load_facts(facts)
     except InputError as e:
         raise InputError(f"--facts: {e}") from None
+    seed, data = flags["seed"], flags["data"]
     check_seed(seed)
     if rank_by not in FIGURES:
         raise InputError(f"--rank-by must be one of {', '.join(FIGURES)} (got {rank_by!r})")
@@ -83,13 +81,11 @@ def sweep(
     check_out_folder(out)
     if not (out / SETTINGS).exists():  # not an earlier sweep: replace nothing imm did not write
         check_outputs(out, (JSONL, SETTINGS, PLOT, "points"), "sweep", force)
-    settings = SweepSettings(
-        slots=tuple(parse_list(slots, int, "--slots")), block_size=tuple(parse_list(block_size, int, "--block-size")),
-        memory_lr=tuple(parse_list(memory_lr, float, "--memory-lr")), memory_norm=tuple(parse_list(memory_norm, str, "--memory-norm")),
-        memory_temp=tuple(_temps(memory_temp)), memory=tuple(parse_list(memory, str, "--memory")),
-        iters=iters, layers=layers, heads=heads, embd=embd, batch_size=batch_size, seed=seed, device=device,
-        data=str(data.resolve()) if data is not None else None, sequences=sequences,
-    )
+    grid = {flag: tuple(parse_list(flags[flag], kind, "--" + flag.replace("_", "-")))
+            for flag, kind in (("slots", int), ("block_size", int), ("memory_lr", float), ("memory_norm", str), ("memory", str))}
+    fixed = {flag: flags[flag] for flag in ("iters", "layers", "heads", "embd", "batch_size", "seed")}
+    settings = SweepSettings(**grid, memory_temp=tuple(_temps(flags["memory_temp"])), **fixed, device=device,
+                             data=str(data.resolve()) if data is not None else None, sequences=sequences)
     result = _with_progress(lambda cb: run_sweep(settings, out, facts, rank_by, cb))
     files = {"jsonl": str(out / "sweep.jsonl")}
     if result.points:

@@ -14,85 +14,37 @@ from rich.table import Table
 
 from imm_cli import runs
 from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json, started_on_demand
-from imm_cli.config import FLAGS, MEMORY_KINDS, RESUMABLE_FLAGS, MemoryConfig, ModelConfig, TrainConfig, configs_from_flags, flag_values, to_dict
+from imm_cli.cli.flags import TRAIN_FLAGS, with_flags
+from imm_cli.config import FLAGS, RESUMABLE_FLAGS, ModelConfig, configs_from_flags, flag_values, to_dict
 from imm_cli.errors import InputError
-
-D = TrainConfig()
-M = ModelConfig()
-MM = MemoryConfig()
-
-
-Kind = Enum("Kind", {k: k for k in MEMORY_KINDS}, type=str)  # --memory's choices: every registered memory kind
-
-
-class Norm(str, Enum):
-    layer = "layer"
-    l2 = "l2"
 
 
 @handle_errors
+@with_flags(TRAIN_FLAGS)
 def train(
     ctx: typer.Context,
-    slots: int = typer.Option(MM.slots, help="Memory slots per memory layer; 0 = the same GPT with no memory (the baseline)."),
-    memory: Kind = typer.Option(Kind.episodic, help="Memory kind: episodic (key/value entries that recall facts), linformer (the notes' pooled slots), "
-                                                      "knn (Memorizing Transformers: top-k over stored keys/values of hidden states, FIFO) "
-                                                      "or delta (a fast-weight matrix written with the delta rule)."),
-    layers: int = typer.Option(M.n_layer, help="Transformer blocks."),
-    heads: int = typer.Option(M.n_head, help="Attention heads per block."),
-    embd: int = typer.Option(M.n_embd, help="Residual stream width."),
-    block_size: int = typer.Option(M.block_size, help="Segment length in bytes (the attention window)."),
-    batch_size: int = typer.Option(D.batch_size, help="Segments per step over all processes (tokens per step = batch-size x block-size); under torchrun each process takes its share."),
-    iters: int = typer.Option(D.iters, help="Optimizer steps."),
-    lr: float = typer.Option(D.lr, help="Peak learning rate (warmup, then cosine decay to lr/10)."),
-    memory_lr: float = typer.Option(MM.lr, help="Linformer memory: EMA rate of a write (notes' best 0.04)."),
-    memory_norm: Norm = typer.Option(Norm.layer, help="Linformer memory: state normalisation, layer or l2."),
-    memory_temp: Optional[float] = typer.Option(None, help="Read temperature of the cosine attention [default: 0.8 linformer, 0.05 episodic and knn (learned from there); delta has none]."),
-    memory_size: int = typer.Option(MM.size, help="Episodic and knn memories: the budget in entries (one per stored position); when full, episodic lets the least surprising entries go, knn the oldest."),
-    memory_topk: int = typer.Option(MM.topk, help="Episodic and knn memories: stored entries each position reads, the best-matching ones; 0 = all for episodic (dilutes as the memory grows), 32 for knn (its paper's k)."),
-    memory_span: int = typer.Option(MM.span, help="Episodic memory: retention scores a byte by the mean surprise of it and span//2 bytes on each side (1 = its own loss)."),
-    memory_trail: bool = typer.Option(MM.trail, "--memory-trail/--no-memory-trail", help="Episodic memory: a byte's retention score is also the mean surprise of the span of bytes up to it, when that is higher than the centred span's (a fact's last bytes keep its run's score); retention acts at inference only."),
-    memory_sharp: float = typer.Option(MM.sharp, help="Episodic memory: fixed 1/temperature of a second, sharp read of the same entries (near-exact contexts only); 0 = the learned-temperature read alone."),
-    memory_local: bool = typer.Option(MM.local, "--memory-local/--no-memory-local", help="Episodic memory: positions also read the entries of their own segment's earlier positions (the lookup inside the window)."),
-    memory_copy: bool = typer.Option(MM.copy, "--memory-copy/--no-memory-copy", help="Episodic memory: mix the sharp read's next-byte distribution into the output, with a learned weight (as kNN-LM does), so an exact stored context can outvote the model's own guess."),
-    memory_knn_lm: float = typer.Option(MM.knn_lm, help="Episodic memory: at inference (validation, generation, every experiment), mix the sharp read's next-byte distribution into the output with this fixed weight, times the read's confidence (kNN-LM); not trained; 0 = off; with --memory-copy the learned weight replaces it."),
-    memory_knn_exact: float = typer.Option(MM.knn_exact, help="Episodic memory: the kNN-LM weight of stored entries whose context matches the query's exactly (cosine >= 0.999), where above --memory-knn-lm; 0 = --memory-knn-lm for every entry; no mix at all when --memory-knn-lm is 0."),
-    memory_drop: float = typer.Option(MM.drop, help="Episodic memory, training only: hide each stored entry from reads with this probability, as retention lets entries go in a text longer than the budget (training episodes never fill it)."),
-    memory_keep: float = typer.Option(MM.keep, help="Episodic memory: weight (nats) of a learned keep score (trained on which entries later cues read) added to each entry's retention score; 0 = surprise alone, no keep head."),
-    memory_entries: int = typer.Option(MM.entries, help="Episodic memory: positions one write offers at most, most surprising first; 0 = every position."),
-    memory_key_bytes: int = typer.Option(MM.key_bytes, help="Episodic memory: bytes of context that make a key."),
-    memory_key_dim: int = typer.Option(MM.key_dim, help="Episodic, knn and delta memories: width of keys and queries (knn: over all its heads)."),
-    memory_value_dim: int = typer.Option(MM.value_dim, help="Episodic, knn and delta memories: width of a stored value before the output projection (episodic: a byte's); 0 = --embd."),
-    segments: int = typer.Option(D.segments, show_default=False, help="Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with]."),
-    curriculum: float = typer.Option(D.curriculum, help="Share of episodes that are synthetic-fact recall episodes (memory models only)."),
-    max_gap: int = typer.Option(D.max_gap, help="Half the steps, 1..max-gap unscored segments of text before each episode's last segment: recall across a gap (episodic memory; 0 = off)."),
-    grad_clip: float = typer.Option(D.grad_clip, help="Clip the gradient norm to this; 0 = off."),
-    eval_every: int = typer.Option(D.eval_every, help="Steps between validation evaluations."),
-    save_every: int = typer.Option(D.save_every, help="Steps between checkpoints."),
-    device: str = typer.Option(D.device, help="auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps. On CUDA, bf16 autocast where the GPU supports it. "
-                                  "Under torchrun --nproc_per_node N: one process per device (cuda:LOCAL_RANK, nccl) or per CPU share (gloo)."),
-    compile: bool = typer.Option(D.compile, "--compile/--no-compile", help="torch.compile the model (first steps slower; checkpoints load anywhere without it)."),
-    seed: int = typer.Option(D.seed, help="Seed of initialisation, data order and curriculum."),
     out: Optional[Path] = typer.Option(None, help="Run folder to create [default: runs/<memory>-s<slots>]."),
-    data: Optional[Path] = typer.Option(None, help="UTF-8 text file to train on [default: the embedded Shakespeare corpus]."),
     resume: Optional[Path] = typer.Option(None, help="Continue the run in this folder exactly where its last checkpoint stopped."),
     json_out: bool = typer.Option(False, "--json", help="Print one JSON document with the final figures on stdout."),
+    **flags,
 ) -> None:
     """Train a byte-level GPT with (or without: --slots 0) an Implicit Memory Module."""
     if resume is not None:
         if out is not None and out.resolve() != resume.resolve():
             raise InputError(f"--out {out} and --resume {resume} name different folders; a resumed run stays in its folder")
         out = resume
-        model_cfg, train_cfg, saved_iters = _resume_configs(ctx, resume, data)
+        model_cfg, train_cfg, saved_iters = _resume_configs(ctx, resume, flags["data"])
     else:
         saved_iters = None
-        model_cfg, train_cfg = configs_from_flags({flag: _plain(ctx.params[flag]) for flag in FLAGS})
+        model_cfg, train_cfg = configs_from_flags({flag: _plain(flags[flag]) for flag in FLAGS})
         if out is None:
-            out = Path("runs") / (f"{memory.value}-s{slots}" if slots else "s0")
+            mem = model_cfg.memory
+            out = Path("runs") / (f"{mem.kind}-s{mem.slots}" if mem.slots else "s0")
         _check_new_out(out)
-        if data is not None:
+        if flags["data"] is not None:
             from imm_cli.data import read_text_file
 
-            read_text_file(data, what="data file")  # checked before any folder is made
+            read_text_file(flags["data"], what="data file")  # checked before any folder is made
     from imm_cli.distributed import is_main_process
     from imm_cli.train import resolve_device, train as run_training
 
