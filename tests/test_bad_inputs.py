@@ -368,6 +368,7 @@ for _cmd in FACT_COMMANDS:
         Case(f"{_cmd}:knn-lm-1", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-lm", "1"), expect=("--knn-lm",)),
         Case(f"{_cmd}:knn-lm-negative", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-lm", "-0.1"), expect=("--knn-lm",)),
         Case(f"{_cmd}:knn-exact-1", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-exact", "1"), expect=("--knn-exact",)),
+        Case(f"{_cmd}:memory-size-0", lambda c, m=_cmd: _with_run(m, c, c.run(), "--memory-size", "0"), expect=("--memory-size",)),
     ]
 
 

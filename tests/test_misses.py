@@ -169,6 +169,29 @@ def test_knn_lm_override_needs_the_episodic_memory():
         set_knn_lm(tiny(), 1.0)
 
 
+def test_memory_size_override_sets_the_budget_retention_keeps():
+    """set_memory_size: the same weights under another budget; writing more positions than it holds
+    keeps exactly that many entries (retention acts), and training's range rule still holds."""
+    from imm_cli.errors import InputError
+    from imm_cli.experiments.setup import set_memory_size
+
+    torch.manual_seed(0)
+    model = tiny()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    set_memory_size(model, 40)
+    mem = model.memory
+    state = mem.init_state(1)
+    assert state["keys"].shape[1] == 40 and model.cfg.memory.size == 40
+    from imm_cli.experiments.probe import write_text
+
+    with torch.no_grad():
+        state, _ = write_text(model, state, torch.randint(0, 256, (1, 3 * model.cfg.block_size)))
+    assert int(torch.isfinite(state["score"]).sum()) == 40  # full, and never more than the budget
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())  # weights unchanged
+    with pytest.raises(InputError, match="--memory-size"):
+        set_memory_size(model, 0)
+
+
 def test_keep_score_decides_what_stays():
     """With --memory-keep, an entry's retention score adds the keep head's score: entries the head
     marks stay in a full budget over equally surprising ones."""

@@ -340,6 +340,27 @@ def test_knn_exact_override_is_recorded(tiny_runs, tmp_path):
     assert "kNN-LM mix 0.3 (0.7 exact)" in " ".join(r.stderr.split())
 
 
+def test_memory_size_override_is_recorded_and_acts(tiny_runs, tmp_path):
+    """--memory-size measures the same weights under another budget: recorded in the JSON, shown in
+    the title, the run untouched."""
+    base = ["needle", "--run", str(tiny_runs["episodic"]), "--facts", "examples/facts.txt", "--trials", "1", "--no-sweeps", "--json"]
+    runs_ = {size: runner.invoke(app, [*base, "--out", str(tmp_path / str(size)), *(["--memory-size", str(size)] if size else [])])
+             for size in (None, 64)}
+    for r in runs_.values():
+        assert r.exit_code == 0, r.output
+    docs = {size: json.loads(r.stdout) for size, r in runs_.items()}
+    assert docs[None]["model"]["memory_size"] == MemoryConfig.size and docs[64]["model"]["memory_size"] == 64
+    assert "64 entries" in " ".join(runs_[64].stderr.split())
+    assert json.loads((tiny_runs["episodic"] / "config.json").read_text())["model"]["memory"]["size"] == MemoryConfig.size
+
+
+def test_memory_size_override_needs_a_budgeted_memory(tiny_runs, tmp_path):
+    r = runner.invoke(app, ["recall", "--run", str(tiny_runs["linformer"]), "--facts", "examples/facts.txt",
+                            "--out", str(tmp_path / "o"), "--memory-size", "4096"])
+    assert r.exit_code == 2
+    assert "--memory-size: only the episodic and knn memories" in " ".join(r.output.split())
+
+
 def test_facts_longer_than_the_window_are_measured(tiny_runs, tmp_path):
     """A fact longer than the window is written, cued and generated past the window; only the
     fact-in-window control, which cannot hold it, is null with a note."""

@@ -37,8 +37,7 @@ def needle(
     spacing: int = typer.Option(D.spacing, help="Bytes of text per fact in the capacity document."),
     sweeps: bool = typer.Option(True, "--sweeps/--no-sweeps", help="Run the heatmap, the distance curve and the capacity document."),
     seed: int = typer.Option(D.seed, help="Seed of haystacks and test contexts."),
-    *, run: Path, facts: Path, out: Optional[Path], device: str, knn_lm: Optional[float], knn_exact: Optional[float],
-    force: bool, json_out: bool,
+    *, run: Path, facts: Path, out: Optional[Path], device: str, force: bool, json_out: bool, **inference,
 ) -> None:
     """Needle in a haystack: memory vs fresh memory vs other facts vs fact in the window."""
     settings = NeedleSettings(
@@ -51,7 +50,7 @@ def needle(
     if not 1 <= trials <= MAX_TRIALS:
         raise InputError(f"--trials must be between 1 and {MAX_TRIALS} (got {trials})")
     check_settings(settings, load_facts(facts) if facts.is_file() else [])
-    with open_with_facts(run, facts, out, "needle", NEEDLE_FILES, force, device, seed, knn_lm, knn_exact) as (out_dir, model, text, fact_list):
+    with open_with_facts(run, facts, out, "needle", NEEDLE_FILES, force, device, seed, inference) as (out_dir, model, text, fact_list):
         with console.status("needle: writing haystacks and testing recall"):
             result = run_needle(model, fact_list, text, settings)
         doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}

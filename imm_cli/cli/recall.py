@@ -23,11 +23,10 @@ def recall(
     context: int = typer.Option(32, help="Bytes of other text before the cue in the test context."),
     placement: str = typer.Option("line", help="line: the facts one per line, cues at line starts; prose: each fact inside a line of running text, its cue after other words on its line."),
     seed: int = typer.Option(0, help="Seed of the test contexts."),
-    *, run: Path, facts: Path, out: Optional[Path], device: str, knn_lm: Optional[float], knn_exact: Optional[float],
-    force: bool, json_out: bool,
+    *, run: Path, facts: Path, out: Optional[Path], device: str, force: bool, json_out: bool, **inference,
 ) -> None:
     """Show each fact once (memory updates on), then complete each cue with the memory frozen."""
-    with open_with_facts(run, facts, out, "recall", RECALL_FILES, force, device, seed, knn_lm, knn_exact) as (out_dir, model, text, fact_list):
+    with open_with_facts(run, facts, out, "recall", RECALL_FILES, force, device, seed, inference) as (out_dir, model, text, fact_list):
         result = run_recall(model, fact_list, text, seed=seed, context=context, placement=placement)
         doc = {"run": str(run), "facts_file": str(facts), **_clean(result.to_dict())}
         from imm_cli.plots.recall import plot_context_influence

@@ -34,13 +34,16 @@ KNN_LM_HELP = ("Mix the episodic memory's sharp read into the output with this f
                "(--memory-knn-lm; 0 = the model's own distribution alone): inference only.")
 KNN_EXACT_HELP = ("The mix's weight for stored entries whose context matches exactly, instead of the run's "
                   "(--memory-knn-exact; 0 = --knn-lm for every entry): inference only.")
+MEMORY_SIZE_HELP = ("The memory's budget in entries, instead of the run's (--memory-size; episodic and knn): retention "
+                    "acts at inference only, so the same weights measure what any budget keeps.")
 FACTS_HELP = "Facts file, one per line; the cue is the first two words (e.g. examples/facts.txt)."
 
 
 def with_fact_options(command):
     """recall's and needle's shared options, declared once: --run and --facts first, then the
-    command's own options, then --out, --device, --knn-lm, --knn-exact, --force and --json. The
-    command takes them as keyword-only parameters of the same names; typer reads this signature."""
+    command's own options, then --out, --device, --knn-lm, --knn-exact, --memory-size, --force and
+    --json. The command takes them as keyword-only parameters of the same names, the inference
+    overrides (--knn-lm, --knn-exact, --memory-size) as **inference; typer reads this signature."""
     P = inspect.Parameter
     first = [("run", Path, typer.Option(..., help="Run folder made by `imm train` (with memory).")),
              ("facts", Path, typer.Option(..., help=FACTS_HELP))]
@@ -48,10 +51,12 @@ def with_fact_options(command):
             ("device", str, typer.Option("cpu", help="cpu, cuda, mps or auto.")),
             ("knn_lm", Optional[float], typer.Option(None, "--knn-lm", help=KNN_LM_HELP)),
             ("knn_exact", Optional[float], typer.Option(None, "--knn-exact", help=KNN_EXACT_HELP)),
+            ("memory_size", Optional[int], typer.Option(None, "--memory-size", help=MEMORY_SIZE_HELP)),
             ("force", bool, typer.Option(False, "--force", help=FORCE_HELP)),
             ("json_out", bool, typer.Option(False, "--json", help="Print one JSON document on stdout."))]
     shared = {name for name, _, _ in first + last}
-    own = [p.replace(kind=P.KEYWORD_ONLY) for p in inspect.signature(command).parameters.values() if p.name not in shared]
+    own = [p.replace(kind=P.KEYWORD_ONLY) for p in inspect.signature(command).parameters.values()
+           if p.name not in shared and p.kind is not P.VAR_KEYWORD]
     declare = lambda specs: [P(name, P.KEYWORD_ONLY, default=opt, annotation=kind) for name, kind, opt in specs]  # noqa: E731
     command.__signature__ = inspect.Signature([*declare(first), *own, *declare(last)])
     return command
@@ -74,22 +79,24 @@ def check_out(run: Path, out: Optional[Path], command: str, names: tuple[str, ..
 
 @contextmanager
 def open_with_facts(run: Path, facts: Path, out: Optional[Path], command: str, names: tuple[str, ...], force: bool,
-                    device: str, seed: int, knn_lm: Optional[float] = None, knn_exact: Optional[float] = None):
+                    device: str, seed: int, inference: Optional[dict] = None):
     """What recall and needle do first: check the seed, the run, the output folder and the facts file
     before any work; then, holding the output folder, open the run and its facts.
-    Yields (output folder, model, held-out text, facts); `knn_lm`, `knn_exact` override the run's kNN-LM weights."""
-    from imm_cli.experiments.setup import check_knn_lm, open_facts, open_run, set_knn_lm
+    Yields (output folder, model, held-out text, facts); `inference` overrides the run's kNN-LM weights
+    and budget (knn_lm, knn_exact, memory_size: experiments.setup.set_inference)."""
+    from imm_cli.experiments.setup import check_knn_lm, check_memory_size, open_facts, open_run, set_inference
     from imm_cli.facts import load_facts
 
     check_seed(seed)
-    check_knn_lm(knn_lm)
-    check_knn_lm(knn_exact, "--knn-exact")
+    inference = {k: v for k, v in (inference or {}).items() if v is not None}
+    check_knn_lm(inference.get("knn_lm"))
+    check_knn_lm(inference.get("knn_exact"), "--knn-exact")
+    check_memory_size(inference.get("memory_size"))
     out_dir = check_out(run, out, command, names, force)
     load_facts(facts)  # the file and its lines (whether they fit the model: open_facts)
     with holding(out_dir):
         model, _, text = open_run(run, device)
-        if knn_lm is not None or knn_exact is not None:
-            set_knn_lm(model, knn_lm, knn_exact)
+        set_inference(model, **inference)
         yield out_dir, model, text, open_facts(facts, model)
 
 

@@ -382,7 +382,7 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
     result = NeedleResult(
         settings={**asdict(s), "facts": len(facts)},
         model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": model.cfg.block_size,
-               "memory_size": getattr(model.memory, "size", None), "topk": model.cfg.memory.topk,
+               "topk": model.cfg.memory.topk,
                **mix_of(model)},
         conditions=conditions,
         placements=placements,

@@ -14,6 +14,10 @@ from imm_cli.facts import Fact, load_facts
 from imm_cli.model import GPT
 
 
+BUDGETED = ("episodic", "knn")  # memories whose size is a number of entries
+MAX_ENTRIES = 1_048_576  # as config.MemoryConfig.check
+
+
 def open_run(run: Path, device: str = "cpu") -> tuple[GPT, dict, np.ndarray]:
     """(model in eval mode, config dict, validation bytes of the corpus the run was trained on)."""
     from imm_cli.train import resolve_device
@@ -36,9 +40,11 @@ def knn_lm_of(model: GPT) -> float | None:
 
 
 def mix_of(model: GPT) -> dict:
-    """What an experiment's JSON records of the kNN-LM mix it measured with (None where there is none)."""
+    """What an experiment's JSON records of the inference settings it measured with: the kNN-LM mix
+    and the budget in entries (None where the memory has none)."""
     weight = knn_lm_of(model)
-    return {"knn_lm": weight, "knn_exact": None if weight is None else model.cfg.memory.knn_exact}
+    return {"knn_lm": weight, "knn_exact": None if weight is None else model.cfg.memory.knn_exact,
+            "memory_size": getattr(model.memory, "size", None)}
 
 
 def set_knn_lm(model: GPT, weight: float | None, exact: float | None = None) -> None:
@@ -54,6 +60,33 @@ def set_knn_lm(model: GPT, weight: float | None, exact: float | None = None) -> 
     mem = replace(mem, knn_lm=mem.knn_lm if weight is None else weight, knn_exact=mem.knn_exact if exact is None else exact)
     model.cfg = replace(model.cfg, memory=mem)
     model.memory.cfg = mem
+
+
+def check_memory_size(size: int | None) -> None:
+    """An experiment's budget override (None: the run's own), by training's range rule (at least 1 entry)."""
+    if size is not None and not 1 <= size <= MAX_ENTRIES:
+        raise InputError(f"--memory-size must be between 1 and {MAX_ENTRIES} entries (got {size})")
+
+
+def set_memory_size(model: GPT, size: int) -> None:
+    """Let an experiment give the memory another budget in entries than the run's. Retention acts
+    at inference only (training episodes never fill the budget), so the same weights measure what
+    any budget keeps: the episodic memory's retention, the knn memory's FIFO."""
+    check_memory_size(size)
+    kind = model.cfg.memory.kind if model.memory is not None else "none"
+    if kind not in BUDGETED:
+        raise InputError(f"--memory-size: only the {' and '.join(BUDGETED)} memories have a budget in entries (this run's memory: {kind})")
+    mem = replace(model.cfg.memory, size=size).check()  # training's rule: at least --slots entries
+    model.cfg = replace(model.cfg, memory=mem)
+    model.memory.cfg, model.memory.size = mem, size
+
+
+def set_inference(model: GPT, knn_lm: float | None = None, knn_exact: float | None = None, memory_size: int | None = None) -> None:
+    """An experiment's inference-time overrides of the run's settings (None keeps the run's)."""
+    if knn_lm is not None or knn_exact is not None:
+        set_knn_lm(model, knn_lm, knn_exact)
+    if memory_size is not None:
+        set_memory_size(model, memory_size)
 
 
 MAX_FACT_BYTES = 200  # longer than a window is fine: scoring slides, generation re-primes the window
