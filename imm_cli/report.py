@@ -569,6 +569,30 @@ def stale_note(f: RunFolder, doc: Doc) -> str:
     return ""
 
 
+# an experiment's inference-time overrides: its JSON's model key -> (the run's memory field, the flag)
+OVERRIDES = {"knn_lm": ("knn_lm", "--knn-lm"), "knn_exact": ("knn_exact", "--knn-exact"), "memory_size": ("size", "--memory-size")}
+
+
+def overrides_of(measured: Any, run_memory: Any) -> list[str]:
+    """['--memory-size 16 (the run's: 16384)', ...]: where a result's recorded inference settings
+    (its JSON's "model") differ from the run's own config (model.memory), i.e. what was overridden."""
+    if not isinstance(measured, dict) or not isinstance(run_memory, dict):
+        return []
+    out = []
+    for key, (field_, flag) in OVERRIDES.items():
+        got, own = measured.get(key), run_memory.get(field_)
+        if is_number(got) and is_number(own) and got != own:
+            out.append(f"{flag} {got:g} (the run's: {own:g})")
+    return out
+
+
+def override_note(f: RunFolder, d: dict) -> str:
+    found = overrides_of(d.get("model"), get(f.config.data, "model", "memory") if f.config is not None else None)
+    if not found:
+        return ""
+    return f'<p class="warn">measured with {esc(", ".join(found))}: not the run\'s own settings</p>'
+
+
 # --- sections ----------------------------------------------------------------------------------------
 def size_table(folders: list[RunFolder]) -> str:
     """Configuration and size of every run: one column per run."""
@@ -798,7 +822,7 @@ def experiment_column(exp: Experiment, f: RunFolder) -> str:
     new, new_keys = _new_sections(exp, d, keys)
     rest = render_dict(exp.json, [], d, 0, skip=keys | META | new_keys)
     rest_html = f'<details class="all"><summary>every other figure of {esc(exp.json)}</summary>{rest}</details>' if rest else ""
-    return v + stale_note(f, doc) + meta_line + head + notes_list(d.get("notes")) + plots + new + rest_html
+    return v + stale_note(f, doc) + override_note(f, d) + meta_line + head + notes_list(d.get("notes")) + plots + new + rest_html
 
 
 def _new_sections(exp: Experiment, d: dict, keys: set) -> tuple[str, set]:

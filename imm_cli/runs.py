@@ -253,10 +253,11 @@ def _data_section(cfg: dict, where: Path) -> dict | None:
     return d
 
 
-def check_data(run_dir: Path, data: str | os.PathLike | None = None) -> str | None:
+def check_data(run_dir: Path, data: str | os.PathLike | None = None, resume: bool = True) -> str | None:
     """The data file to use with this run: the one it was trained on, checked against its recorded size
-    and sha256, or `data` when given and identical in content. Missing or changed: InputError.
-    Returns the resolved path (None: the embedded corpus)."""
+    and sha256, or `data` when given and identical in content. Missing or changed: InputError, whose
+    remedy is --data for a resume, and the original file back in its place for an experiment (which
+    reads its held-out text and has no --data). Returns the resolved path (None: the embedded corpus)."""
     run_dir = Path(run_dir)
     cfg = read_config(run_dir)
     where = run_dir / CONFIG
@@ -266,7 +267,9 @@ def check_data(run_dir: Path, data: str | os.PathLike | None = None) -> str | No
     path = str(data) if data is not None else saved_path
     label = DEFAULT_CORPUS_NAME if path is None else f"data file {path}"
     if path is not None and not os.path.exists(path):
-        raise InputError(f"{label} (that {run_dir} was trained on) does not exist; pass --data with a file of the same content")
+        raise InputError(f"{label} (that {run_dir} was trained on) does not exist; "
+                         + ("pass --data with a file of the same content" if resume else
+                            "the experiments read their held-out text from it: put a file of the same content at that path"))
     if recorded is None:  # a run saved before data identities were recorded: the path is all we know
         if data is not None and (saved_path is None or Path(data).resolve() != Path(saved_path).resolve()):
             raise InputError(f"--data {data}: {run_dir} was trained on {saved_path or DEFAULT_CORPUS_NAME} before imm recorded "
@@ -279,7 +282,9 @@ def check_data(run_dir: Path, data: str | os.PathLike | None = None) -> str | No
     if (got["bytes"], got["sha256"]) != (recorded["bytes"], recorded["sha256"]):
         raise InputError(f"{label} is not the data {run_dir} was trained on ({got['bytes']:,} bytes"
                          f"{', other content' if got['bytes'] == recorded['bytes'] else ''}; recorded: {recorded['bytes']:,} "
-                         f"bytes, sha256 {recorded['sha256'][:12]}...); pass --data with the original file")
+                         f"bytes, sha256 {recorded['sha256'][:12]}...); "
+                         + ("pass --data with the original file" if resume else
+                            "the experiments read their held-out text from it: put the original file back at that path"))
     return None if path is None else str(Path(path).resolve())
 
 

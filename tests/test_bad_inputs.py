@@ -156,6 +156,9 @@ def _set(d: dict, path: str, value) -> None:
 CASES: list[Case] = [
     # --- train: data files
     Case("train:data-missing", lambda c: train(c, "--data", str(c.tmp / "nope.txt"))),
+    # a folder no process may create there (as root too: permission bits do not tell): refused before any work
+    Case("train:out-in-proc", lambda c: train(c, "--out", "/proc/imm-run", out=False), expect=("cannot be created",),
+         skip_if=lambda: None if os.path.isdir("/proc/self") else "no /proc on this system"),
     Case("train:data-empty", lambda c: train(c, "--data", c.file("empty.txt", b""))),
     Case("train:data-binary", lambda c: train(c, "--data", c.file("bin.txt", b"hello\x00world" * 500))),
     Case("train:data-not-utf8", lambda c: train(c, "--data", c.file("latin1.txt", "caf\xe9 au lait\n".encode("latin-1") * 2000))),
@@ -349,8 +352,11 @@ for _cmd in RUN_COMMANDS:
         Case(f"{_cmd}:config-missing-n-head", lambda c, m=_cmd: _with_run(m, c, _config(c, _drop("model.n_head"))), expect=("model.n_head",)),
         Case(f"{_cmd}:config-nan-gate-bias", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "model.memory.gate_bias", float("nan"))))),
         Case(f"{_cmd}:huge-model", lambda c, m=_cmd: _with_run(m, c, _config(c, _huge_model)), expect=("GiB",)),
-        Case(f"{_cmd}:data-changed", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "data.sha256", "f" * 64))), expect=("sha256",)),
-        Case(f"{_cmd}:data-gone", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train.data", str(c.tmp / "moved.txt"))))),
+        # an experiment has no --data: the remedy it names is the file back in its place
+        Case(f"{_cmd}:data-changed", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "data.sha256", "f" * 64))),
+             expect=("sha256", "put the original file back"), absent=("--data",)),
+        Case(f"{_cmd}:data-gone", lambda c, m=_cmd: _with_run(m, c, _config(c, lambda d: _set(d, "train.data", str(c.tmp / "moved.txt")))),
+             expect=("does not exist", "at that path"), absent=("--data",)),
         Case(f"{_cmd}:out-holds-user-files", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", c.dir("mine", f"{m}.json")),
              expect=(f"{_cmd}.json", "--force")),
         Case(f"{_cmd}:out-output-is-a-folder", lambda c, m=_cmd: _with_run(m, c, c.run(), "--out", str(Path(c.dir(f"o/{m}.json")).parent)),
@@ -358,11 +364,12 @@ for _cmd in RUN_COMMANDS:
     ]
 for _cmd in FACT_COMMANDS:
     CASES += [
-        Case(f"{_cmd}:facts-missing", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", str(c.tmp / "nope.txt")]),
+        Case(f"{_cmd}:facts-missing", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", str(c.tmp / "nope.txt")],
+             expect=("nope.txt does not exist",)),
         Case(f"{_cmd}:facts-empty", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", b"")]),
         Case(f"{_cmd}:facts-binary", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", b"a b c\x00d\n")]),
         Case(f"{_cmd}:facts-not-utf8", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", b"caf\xe9 au lait noir\n")]),
-        Case(f"{_cmd}:facts-directory", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.dir("fdir")]),
+        Case(f"{_cmd}:facts-directory", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.dir("fdir")], expect=("directory",)),
         Case(f"{_cmd}:facts-only-comments", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.file("f.txt", "# nothing\n\n")]),
         Case(f"{_cmd}:facts-dangling-symlink", lambda c, m=_cmd: [m, "--run", str(c.run()), "--facts", c.dangling()]),
         Case(f"{_cmd}:knn-lm-1", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-lm", "1"), expect=("--knn-lm",)),
@@ -503,7 +510,7 @@ def test_train_and_sweep_take_their_shared_flags_from_one_declaration():
     shared = set(train) & set(sweep) & set(HELP) - {"device"}  # sweep's --device runs the needle test too: its own text
     assert {"slots", "memory", "layers", "embd", "batch_size", "iters", "seed", "data", "memory_temp"} <= shared
     for flag in HELP:
-        assert train[flag].help == HELP[flag], flag
+        assert train[flag].help.startswith(HELP[flag]), flag
     for flag in shared:
         assert sweep[flag].help.startswith(HELP[flag]), flag
     assert (sweep["slots"].default, train["slots"].default) == ("8", 8)  # swept: a list as text, not an int
@@ -537,3 +544,14 @@ def test_imm_debug_shows_where_an_input_error_was_raised(tmp_path):
     assert plain.code == debug.code == 2
     assert "Traceback" not in plain.stderr and "Traceback" in debug.stderr
     assert debug.stderr.rstrip().splitlines()[-1] == plain.stderr.rstrip().splitlines()[-1]
+
+
+def test_version_is_the_installed_package_version():
+    from importlib.metadata import version
+
+    from typer.testing import CliRunner
+
+    from imm_cli.cli.app import app
+
+    r = CliRunner().invoke(app, ["--version"])
+    assert r.exit_code == 0 and r.stdout.strip() == f"imm {version('imm')}"

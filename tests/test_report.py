@@ -337,3 +337,22 @@ def test_report_of_sweep_and_compare_folders(tmp_path, tiny_run):
     assert 'id="sweep"' in page and 'id="compare"' in page
     assert 'data-key="sweep.jsonl:1.figures.val_loss"' in page and 'data-key="compare.json:runs.0.train.val_loss"' in page
     assert "imm-outputs" not in page and "sweep_settings" not in page
+
+
+def test_report_and_compare_say_when_a_result_was_measured_with_overrides(run_copy, imm, tmp_path):
+    """A recall.json measured with --memory-size (or --knn-lm, --knn-exact) is not the run's own figure:
+    the report page and `imm compare` say so, naming the flag and the run's value; the run's own
+    settings raise no such note."""
+    memory = json.loads((run_copy / "config.json").read_text())["model"]["memory"]
+    own = {"memory": memory["kind"], "slots": memory["slots"], "memory_size": memory["size"], "knn_lm": memory["knn_lm"]}
+    recall = {"verdict": "no recall", "summary": {}, "facts": [], "model": own}
+    (run_copy / "recall.json").write_text(json.dumps(recall))
+    assert "not the run's own settings" not in build_report([run_copy])
+    (run_copy / "recall.json").write_text(json.dumps({**recall, "model": {**own, "memory_size": 16}}))
+    page = build_report([run_copy])
+    assert f"measured with --memory-size 16 (the run&#x27;s: {memory['size']})" in page or \
+        f"measured with --memory-size 16 (the run's: {memory['size']})" in page
+    r = imm("compare", str(run_copy), "--no-run", "--no-speed", "--out", str(tmp_path / "c"), "--json")
+    assert r.code == 0, r.stderr
+    notes = json.loads(r.stdout)["runs"][0]["notes"]
+    assert any(f"recall.json was measured with --memory-size 16 (the run's: {memory['size']})" in n for n in notes), notes

@@ -27,8 +27,20 @@ app = typer.Typer(
 )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"imm {version('imm')}")
+        except PackageNotFoundError:  # run from a checkout that was never installed
+            print("imm (not installed: no version recorded)")
+        raise typer.Exit()
+
+
 @app.callback()
-def _root() -> None:
+def _root(show_version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                            help="Print the installed version and exit.")) -> None:
     """Train a small byte-level GPT with an Implicit Memory Module, and measure what the memory stores and recalls.
 
     Every command prints rich tables on stderr; --json prints one JSON document on stdout.

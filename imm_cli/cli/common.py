@@ -8,6 +8,7 @@ import math
 import os
 import re
 import sys
+import tempfile
 import traceback
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,7 +64,9 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
 
     Checks the path itself (a file is not a folder, a symbolic link must lead somewhere, a name must
     fit the file system), every existing ancestor (a file in the path makes mkdir fail later), write
-    permission on the nearest existing folder, and that no other imm process writes it. Creates nothing.
+    permission on the nearest existing folder (by creating and at once removing an empty temporary
+    folder there when `out` does not exist yet: permission bits do not tell a root process that
+    /proc or a read-only mount refuses it), and that no other imm process writes it.
     """
     out = Path(out)
     for part in out.parts:
@@ -82,6 +85,11 @@ def check_out_folder(out: Path, flag: str = "--out") -> None:
     nearest = out if out.exists() else next((p for p in out.parents if p.exists()), Path("."))
     if not os.access(nearest, os.W_OK | os.X_OK):
         raise InputError(f"{flag} {out}: {nearest} is not writable")
+    if not out.exists():
+        try:
+            os.rmdir(tempfile.mkdtemp(prefix=".imm-probe-", dir=nearest))
+        except OSError as e:
+            raise InputError(f"{flag} {out}: a folder cannot be created in {nearest} ({e.strerror})") from None
     if out.is_dir():
         runs.check_not_busy(out)
 
@@ -241,6 +249,14 @@ def parse_list(text: str, kind, flag: str) -> list:
     if seen:
         raise InputError(f"{flag} names {seen[0]} twice (got {text!r})")
     return items
+
+
+def budget_label(model: dict) -> str:
+    """', 16,384 entries, top-4' for an experiment's title: the budget and read it measured with
+    (episodic and knn memories; '' for the others)."""
+    if not model.get("memory_size") or model.get("memory") not in ("episodic", "knn"):
+        return ""
+    return f", {model['memory_size']:,} entries" + (f", top-{model['topk']}" if model.get("topk") else "")
 
 
 def knn_label(model: dict) -> str:

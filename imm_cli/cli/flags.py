@@ -32,12 +32,12 @@ HELP: dict[str, str] = {
     "heads": "Attention heads per block.",
     "embd": "Residual stream width.",
     "block_size": "Segment length in bytes (the attention window).",
-    "batch_size": "Segments per step over all processes (tokens per step = batch-size x block-size); under torchrun each process takes its share.",
+    "batch_size": "Segments per step (tokens per step = batch-size x block-size).",
     "iters": "Optimizer steps.",
     "lr": "Peak learning rate (warmup, then cosine decay to lr/10).",
     "memory_lr": "Linformer memory: EMA rate of a write (notes' best 0.04).",
     "memory_norm": "Linformer memory: state normalisation, layer or l2.",
-    "memory_temp": "Read temperature of the cosine attention [default: 0.8 linformer, 0.05 episodic and knn (learned from there); delta has none].",
+    "memory_temp": "Read temperature of the cosine attention; unset: the kind's own (0.8 linformer, 0.05 episodic and knn, learned from there; delta has none).",
     "memory_size": "Episodic and knn memories: the budget in entries (one per stored position); when full, episodic lets the least surprising entries go, knn the oldest.",
     "memory_topk": "Episodic and knn memories: stored entries each position reads, the best-matching ones; 0 = all for episodic (dilutes as the memory grows), 32 for knn (its paper's k).",
     "memory_span": "Episodic memory: retention scores a byte by the mean surprise of it and span//2 bytes on each side (1 = its own loss).",
@@ -59,13 +59,15 @@ HELP: dict[str, str] = {
     "grad_clip": "Clip the gradient norm to this; 0 = off.",
     "eval_every": "Steps between validation evaluations.",
     "save_every": "Steps between checkpoints.",
-    "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps. On CUDA, bf16 autocast where the GPU supports it. "
-              "Under torchrun --nproc_per_node N: one process per device (cuda:LOCAL_RANK, nccl) or per CPU share (gloo).",
+    "device": "auto (cuda, then mps, then cpu), cpu, cuda, cuda:N or mps. On CUDA, bf16 autocast where the GPU supports it.",
     "compile": "torch.compile the model (first steps slower; checkpoints load anywhere without it).",
     "seed": "Seed of initialisation, data order and curriculum.",
     "data": "UTF-8 text file to train on [default: the embedded Shakespeare corpus].",
 }
 NO_DEFAULT_SHOWN = {"segments"}  # their help says what the default means
+# what only `imm train` adds to a flag's help (it alone runs under torchrun)
+TRAIN_NOTES = {"batch_size": "Over all processes: under torchrun each process takes its share.",
+               "device": "Under torchrun --nproc_per_node N: one process per device (cuda:LOCAL_RANK, nccl) or per CPU share (gloo)."}
 
 
 def option(flag: str, default=None, note: str = "", listed: bool = False) -> inspect.Parameter:
@@ -94,4 +96,4 @@ def with_flags(flags: list[inspect.Parameter]):
     return decorate
 
 
-TRAIN_FLAGS = [option(flag) for flag in HELP]  # `imm train`: every flag (tests hold HELP to config.FLAGS), in HELP's order
+TRAIN_FLAGS = [option(flag, note=TRAIN_NOTES.get(flag, "")) for flag in HELP]  # `imm train`: every flag (tests hold HELP to config.FLAGS), in HELP's order

@@ -10,7 +10,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import _clean, console, handle_errors, knn_label, mark_outputs, parse_list, print_json, safe
+from imm_cli.cli.common import _clean, budget_label, console, handle_errors, knn_label, mark_outputs, parse_list, print_json, safe
 from imm_cli.cli.store import open_with_facts, with_fact_options
 from imm_cli.errors import InputError
 from imm_cli.experiments.misses import CAUSES
@@ -49,7 +49,7 @@ def needle(
     )
     if not 1 <= trials <= MAX_TRIALS:
         raise InputError(f"--trials must be between 1 and {MAX_TRIALS} (got {trials})")
-    check_settings(settings, load_facts(facts) if facts.is_file() else [])
+    check_settings(settings, load_facts(facts))  # the file first: a missing one is named as such
     with open_with_facts(run, facts, out, "needle", NEEDLE_FILES, force, device, seed, inference) as (out_dir, model, text, fact_list):
         with console.status("needle: writing haystacks and testing recall"):
             result = run_needle(model, fact_list, text, settings)
@@ -124,11 +124,10 @@ def _misses_table(r: dict) -> Table:
 
 def _print(r: dict, files: dict) -> None:
     s, m = r["settings"], r["model"]
-    size = f", {m['memory_size']:,} entries, top-{m['topk']}" if m.get("memory_size") and m["memory"] == "episodic" else ""
     for place, conds in r["placements"].items():
         console.print(_conditions_table(
             f"needle ({place}): {s['facts']} facts, haystack {s['length']} bytes, depth {s['depth']:g}, {s['trials']} trials "
-            f"({m['memory']}, {m['slots']} slots{size}{knn_label(m)})", conds))
+            f"({m['memory']}, {m['slots']} slots{budget_label(m)}{knn_label(m)})", conds))
     ft = Table(title=f"per fact (first trial, {s['placements'][0]})")
     for col in ("cue", "expected", "memory", "", "fresh memory", "in window"):
         ft.add_column(col)

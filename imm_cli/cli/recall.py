@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import _clean, console, handle_errors, knn_label, mark_outputs, print_json, safe
+from imm_cli.cli.common import _clean, budget_label, console, handle_errors, knn_label, mark_outputs, print_json, safe
 from imm_cli.cli.store import open_with_facts, with_fact_options
 from imm_cli.experiments.misses import summary_line
 from imm_cli.experiments.recall import run_recall
@@ -45,7 +45,7 @@ def recall(
 
 def _print(r: dict) -> None:
     t = Table(title=f"recall: {r['settings']['facts']} facts shown once, {r['settings']['placement']} placement "
-                    f"({r['model']['memory']}, {r['model']['slots']} slots{knn_label(r['model'])})")
+                    f"({r['model']['memory']}, {r['model']['slots']} slots{budget_label(r['model'])}{knn_label(r['model'])})")
     for col in ("cue", "expected", "generated (memory)", "exact", "char acc", "loss/byte", "generated (fresh)", "char acc", "loss/byte"):
         t.add_column(col, justify="right" if col in ("char acc", "loss/byte", "exact") else "left")
     for f in r["facts"]:

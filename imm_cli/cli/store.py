@@ -69,7 +69,7 @@ def check_out(run: Path, out: Optional[Path], command: str, names: tuple[str, ..
     then the output folder (default: the run folder) and the files the command will write there."""
     runs.read_config(run)
     if needs_data:
-        runs.check_data(run)
+        runs.check_data(run, resume=False)
     flag = "--run" if out is None else "--out"
     out = run if out is None else out
     check_out_folder(out, flag)
@@ -91,8 +91,8 @@ def open_with_facts(run: Path, facts: Path, out: Optional[Path], command: str, n
     inference = {k: v for k, v in (inference or {}).items() if v is not None}
     check_knn_lm(inference.get("knn_lm"))
     check_knn_lm(inference.get("knn_exact"), "--knn-exact")
-    check_memory_size(inference.get("memory_size"))
     out_dir = check_out(run, out, command, names, force)
+    check_memory_size(inference.get("memory_size"), runs.load_model_config(run).memory)  # its kind and slots
     load_facts(facts)  # the file and its lines (whether they fit the model: open_facts)
     with holding(out_dir):
         model, _, text = open_run(run, device)

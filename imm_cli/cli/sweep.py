@@ -45,7 +45,7 @@ SWEEP_FLAGS = [
 @handle_errors
 @with_flags(SWEEP_FLAGS)
 def sweep(
-    device: str = typer.Option("auto", help="auto, cpu, cuda or mps for training and the needle test."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps, for training and the needle test."),
     facts: Optional[Path] = typer.Option(None, help="Facts for the needle figures [default: examples/facts.txt when it exists]."),
     sequences: int = typer.Option(D.sequences, help="Sequences walked by the store and usage figures."),
     rank_by: str = typer.Option("needle_recall_at_1", help=f"Figure that ranks the points, ties by validation loss: {', '.join(FIGURES)}."),

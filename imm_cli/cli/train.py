@@ -173,6 +173,6 @@ def _summary(r, model_cfg: ModelConfig) -> None:
     t.add_row("validation loss, memory ablated", fmt(r.val_loss_ablated))
     if r.recall_acc is not None:
         t.add_row("synthetic-fact answer bytes right, memory / ablated", f"{r.recall_acc:.3f} / {r.recall_acc_ablated:.3f}")
-    t.add_row("training tokens/s", f"{r.tokens_per_s:,.0f}")
+    t.add_row("training tokens/s (the whole run: evaluations and saves included)", f"{r.tokens_per_s:,.0f}")
     t.add_row("NaN/inf seen", "yes" if r.nonfinite else "no")
     console.print(t)

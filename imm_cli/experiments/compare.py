@@ -32,6 +32,7 @@ from typing import Callable
 
 from imm_cli import runs
 from imm_cli.errors import InputError
+from imm_cli.report import overrides_of
 
 FILES = {"store": "store.json", "usage": "usage.json", "needle": "needle.json", "recall": "recall.json"}
 RUNNABLE = ("store", "usage", "needle")  # run with defaults when missing; recall is only read
@@ -262,7 +263,7 @@ def run_experiment(run: Path, experiment: str, settings: CompareSettings) -> dic
     """Run one experiment with its defaults and write its JSON into the run folder, as its command does
     (holding the folder's lock throughout, on the data the run was trained on)."""
     with runs.locked(run):
-        runs.check_data(run)
+        runs.check_data(run, resume=False)
         if experiment == "store":
             from imm_cli.experiments.store import pattern_storage
 
@@ -391,6 +392,10 @@ def compare_run(run: Path, name: str, todo: list[str], settings: CompareSettings
             continue
         else:
             fig.status[exp] = "read"
+            found = overrides_of(doc.get("model"), mem)
+            if found:
+                fig.notes.append(f"{FILES[exp]} was measured with {', '.join(found)}: not the run's own settings "
+                                 f"(run imm {exp} again without them for the run's figures)")
             if exp == "needle" and Path(str(doc.get("facts_file"))).name != Path(settings.facts).name:
                 fig.notes.append(f"needle.json was measured on {doc.get('facts_file')}, not on --facts {settings.facts} "
                                  "(run imm needle again to measure that file)")

@@ -337,7 +337,7 @@ def check_settings(s: NeedleSettings, facts: list[Fact]) -> None:
 def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: NeedleSettings | None = None) -> NeedleResult:
     s = settings or NeedleSettings()
     if model.memory is None:
-        raise InputError("this run has no memory (--slots 0): the needle test compares memory conditions; train with --slots 8")
+        raise InputError("this run has no memory (--slots 0): the needle test compares memory conditions; train with --slots 1 or more")
     check_settings(s, facts)
     longest = max([s.length, *s.lengths, *s.distance, s.spacing])
     if len(text) < longest + 1000:

@@ -58,7 +58,7 @@ def shown_text(text: np.ndarray, facts: list[Fact], placement: str, rng: random.
 def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, context: int = 32,
                placement: str = "line") -> RecallResult:
     if model.memory is None:
-        raise InputError("this run has no memory (--slots 0): there is nothing to recall from; train with --slots 8")
+        raise InputError("this run has no memory (--slots 0): there is nothing to recall from; train with --slots 1 or more")
     if context < 0:
         raise InputError(f"--context must be >= 0 (got {context})")
     if placement not in probe.PLACEMENTS:
@@ -146,7 +146,7 @@ def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, c
     return RecallResult(
         settings={"seed": seed, "context": context, "facts": N, "bytes_shown": n_shown, "placement": placement},
         model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": B,
-               **mix_of(model)},
+               "topk": model.cfg.memory.topk, **mix_of(model)},
         facts=rows, summary=summary, context_influence=ctx,
         seconds=time.perf_counter() - t0, verdict=verdict, misses=why,
     )

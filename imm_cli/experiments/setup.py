@@ -62,21 +62,28 @@ def set_knn_lm(model: GPT, weight: float | None, exact: float | None = None) -> 
     model.memory.cfg = mem
 
 
-def check_memory_size(size: int | None) -> None:
-    """An experiment's budget override (None: the run's own), by training's range rule (at least 1 entry)."""
-    if size is not None and not 1 <= size <= MAX_ENTRIES:
-        raise InputError(f"--memory-size must be between 1 and {MAX_ENTRIES} entries (got {size})")
+def check_memory_size(size: int | None, memory: config.MemoryConfig | None = None) -> None:
+    """An experiment's budget override (None: the run's own) for a run whose memory is `memory`:
+    only the memories with a budget in entries, by training's range rule (--slots to 1,048,576).
+    Without `memory` (before the run is read), the range alone."""
+    if size is None:
+        return
+    if memory is None:
+        if not 1 <= size <= MAX_ENTRIES:
+            raise InputError(f"--memory-size must be between 1 and {MAX_ENTRIES} entries (got {size})")
+        return
+    kind = memory.kind if memory.enabled else "none"
+    if kind not in BUDGETED:
+        raise InputError(f"--memory-size: only the {' and '.join(BUDGETED)} memories have a budget in entries (this run's memory: {kind})")
+    replace(memory, size=size).check()  # training's rule: at least --slots entries
 
 
 def set_memory_size(model: GPT, size: int) -> None:
     """Let an experiment give the memory another budget in entries than the run's. Retention acts
     at inference only (training episodes never fill the budget), so the same weights measure what
     any budget keeps: the episodic memory's retention, the knn memory's FIFO."""
-    check_memory_size(size)
-    kind = model.cfg.memory.kind if model.memory is not None else "none"
-    if kind not in BUDGETED:
-        raise InputError(f"--memory-size: only the {' and '.join(BUDGETED)} memories have a budget in entries (this run's memory: {kind})")
-    mem = replace(model.cfg.memory, size=size).check()  # training's rule: at least --slots entries
+    check_memory_size(size, model.cfg.memory)
+    mem = replace(model.cfg.memory, size=size)
     model.cfg = replace(model.cfg, memory=mem)
     model.memory.cfg, model.memory.size = mem, size
 
