@@ -134,3 +134,17 @@ def test_a_point_trains_the_configs_imm_train_builds_from_the_same_flags():
              "eval_every": 8, "save_every": 2}
     assert (model_cfg, train_cfg) == configs_from_flags(flags)
     assert model_cfg.memory.kind == "episodic" and model_cfg.memory.layer == -1
+
+
+def test_linformer_only_settings_make_no_identical_points():
+    """--memory-lr and --memory-norm act on linformer only: a mixed grid trains them for linformer and
+    takes their first values for the other kinds (no identical trainings), and says so."""
+    from imm_cli.experiments.sweep import SweepSettings, grid, ignored_note
+
+    s = SweepSettings(memory=("linformer", "episodic"), slots=(4,), memory_lr=(0.04, 0.2), memory_norm=("layer", "l2"))
+    pts = grid(s)
+    assert sorted((p.memory_lr, p.memory_norm) for p in pts if p.memory == "linformer") == \
+        [(0.04, "l2"), (0.04, "layer"), (0.2, "l2"), (0.2, "layer")]
+    assert [(p.memory_lr, p.memory_norm) for p in pts if p.memory == "episodic"] == [(0.04, "layer")]
+    assert "episodic points take their first values" in ignored_note(s)
+    assert ignored_note(SweepSettings(memory=("linformer",), memory_lr=(0.04, 0.2))) is None

@@ -114,13 +114,29 @@ def grid(s: SweepSettings) -> list[Point]:
         if not getattr(s, name):
             raise InputError(f"--{name.replace('_', '-')} is empty")
     pts = [Point(memory=m, slots=sl, block_size=b, memory_lr=lr, memory_norm=n, memory_temp=t)
-           for m, sl, b, lr, n, t in itertools.product(s.memory, s.slots, s.block_size, s.memory_lr, s.memory_norm, s.memory_temp)]
+           for m in s.memory
+           # the EMA rate and normalisation act on linformer only: other kinds take the first value, not
+           # several identical trainings
+           for sl, b, lr, n, t in itertools.product(s.slots, s.block_size, *_linformer_only(s, m), s.memory_temp)]
     seen, unique = set(), []
     for p in pts:
         if p.name not in seen:
             seen.add(p.name)
             unique.append(p)
     return unique
+
+
+def _linformer_only(s: SweepSettings, memory: str) -> tuple[tuple, tuple]:
+    return (s.memory_lr, s.memory_norm) if memory == "linformer" else (s.memory_lr[:1], s.memory_norm[:1])
+
+
+def ignored_note(s: SweepSettings) -> str | None:
+    """What the sweep says when --memory-lr or --memory-norm list several values that some kinds ignore."""
+    others = [m for m in s.memory if m != "linformer"]
+    if others and (len(set(s.memory_lr)) > 1 or len(set(s.memory_norm)) > 1):
+        return (f"--memory-lr and --memory-norm act on the linformer memory only: the {', '.join(others)} points "
+                f"take their first values ({s.memory_lr[0]:g}, {s.memory_norm[0]}), so none is trained twice")
+    return None
 
 
 def configs(p: Point, s: SweepSettings) -> tuple[ModelConfig, TrainConfig]:
@@ -301,6 +317,8 @@ def _run_locked(s: SweepSettings, points: list[Point], shared: dict, out: Path, 
     skipped = [p.name for p in points if p.name in done]
     todo = [p for p in points if p.name not in done]
     emit({"type": "sweep", "points": len(points), "done": len(skipped), "todo": [p.name for p in todo]})
+    if ignored_note(s) and todo:  # said before the training, not only after it
+        emit({"type": "warning", "message": ignored_note(s)})
     trained, measured, interrupted = [], [], False
     for i, p in enumerate(todo):
         emit({"type": "point", "point": p.name, "index": len(skipped) + i + 1, "points": len(points)})
@@ -316,8 +334,8 @@ def _run_locked(s: SweepSettings, points: list[Point], shared: dict, out: Path, 
         emit({"type": "point_done", "point": p.name, "record": rec})
     records = [done[p.name] for p in points if p.name in done]
     notes = [f"{out / JSONL}: {damaged} damaged line(s) skipped"] if damaged else []
-    if "episodic" in s.memory and (len(set(s.memory_lr)) > 1 or len(set(s.memory_norm)) > 1):
-        notes.append("--memory-lr and --memory-norm do not act on the episodic memory: its points differ only in the other settings")
+    if ignored_note(s):
+        notes.append(ignored_note(s))
     return SweepResult(out=str(out), rank_by=rank_by, points=rank(records, rank_by), trained=trained,
                        measured=measured, skipped=skipped, interrupted=interrupted,
                        seconds=time.perf_counter() - t0, notes=notes)
