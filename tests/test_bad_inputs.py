@@ -555,3 +555,18 @@ def test_version_is_the_installed_package_version():
 
     r = CliRunner().invoke(app, ["--version"])
     assert r.exit_code == 0 and r.stdout.strip() == f"imm {version('imm')}"
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["train", "--lr", "abc"], "Invalid value for '--lr': not a number"),
+    (["train", "--iters", "1.5"], "Invalid value for '--iters': not a whole number"),
+    (["train", "--memory", "foo"], "'foo' is not one of 'episodic'"),
+])
+def test_flag_type_errors_read_as_the_tools_own(argv, words, capsys, monkeypatch):
+    """typer's validation messages come from pydantic; the one line says the same in plain words."""
+    from imm_cli.cli.app import main
+
+    monkeypatch.setenv("IMM_NO_EXIT", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and words in err and "Input should" not in err and "Value error" not in err, err

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(e.format_message().rstrip() + "\n")
             code = exit_code if isinstance(exit_code, int) else 2
         elif hasattr(e, "format_message") and isinstance(exit_code, int):
-            sys.stderr.write("error: " + clean_text(" ".join(e.format_message().split())) + "\n")  # one line, always
+            sys.stderr.write("error: " + clean_text(_plain_words(" ".join(e.format_message().split()))) + "\n")  # one line, always
             code = exit_code
         elif isinstance(exit_code, int):
             code = exit_code
@@ -100,6 +100,18 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("IMM_NO_EXIT"):
         return code
     sys.exit(code)
+
+
+# typer validates flag values with pydantic, whose messages read like a validation library's
+PLAIN = {"Value error, ": "", "Input should be a valid integer, unable to parse string as an integer": "not a whole number",
+         "Input should be a valid number, unable to parse string as a number": "not a number",
+         "Input should be a valid integer, got a number with a fractional part": "not a whole number"}
+
+
+def _plain_words(message: str) -> str:
+    for theirs, ours in PLAIN.items():
+        message = message.replace(theirs, ours)
+    return message
 
 
 if __name__ == "__main__":
