@@ -185,8 +185,8 @@ def run_and_report(experiment, run: Path, out: Optional[Path], name: str, plot, 
     from imm_cli.experiments.store import MAX_SEQUENCES
 
     command = name.removesuffix(".json")
-    if not 1 <= kwargs["sequences"] <= MAX_SEQUENCES:
-        raise InputError(f"--sequences must be between 1 and {MAX_SEQUENCES} (got {kwargs['sequences']})")
+    if not 2 <= kwargs["sequences"] <= MAX_SEQUENCES:  # the "another sequence" control needs a second one
+        raise InputError(f"--sequences must be between 2 and {MAX_SEQUENCES} (got {kwargs['sequences']})")
     check_seed(kwargs["seed"])
     names = (name, plot[0], COMBINED_PNG)
     out_dir = check_out(run, out, command, names, force, needs_data=not kwargs["random_tokens"])
