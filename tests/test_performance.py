@@ -258,3 +258,35 @@ def test_write_text_writes_in_place_only_its_own_states():
             ref, prev = model(seg, targets=targets, state=ref, prev=prev).state, seg
     assert all(torch.equal(given[k], before[k]) for k in before)
     assert all(torch.equal(state[k], ref[k]) for k in ref)
+
+
+def test_kept_value_table_follows_fused_optimizer_steps():
+    """Reads without autograd keep the episodic memory's projected value table until a weight changes.
+    A fused AdamW step (make_optimizer's) changes weights without bumping their version counters:
+    validation between training steps must still read the current weights, exactly as the same
+    weights loaded afresh do."""
+    from imm_cli.config import TrainConfig
+    from imm_cli.train import make_optimizer
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(block_size=32, n_layer=2, n_head=2, n_embd=32, memory=MemoryConfig(key_dim=16, size=256))
+    model = GPT(cfg)
+    opt = make_optimizer(model, TrainConfig(), torch.device("cpu"))
+    x, y = torch.randint(0, 256, (2, 3, 32)), torch.randint(0, 256, (2, 3, 32))
+
+    def val(m: GPT) -> float:
+        m.eval()
+        with torch.no_grad():
+            loss = m.episode(x, y).loss.item()
+        m.train()
+        return loss
+
+    val(model)  # keeps a table
+    for _ in range(3):
+        loss = model.episode(x, y).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    fresh = GPT(cfg)
+    fresh.load_state_dict(model.state_dict())
+    assert val(model) == pytest.approx(val(fresh), abs=1e-6)

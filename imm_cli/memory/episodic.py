@@ -104,6 +104,14 @@ class EpisodicMemory(Memory):
         if cfg.copy:  # per position, how much of the sharp read's next-byte distribution the output takes
             self.copy_gate = nn.Linear(n_embd, 1)
 
+    def train(self, mode: bool = True) -> "EpisodicMemory":
+        """Also forgets the kept value table: a fused AdamW step (make_optimizer's, on CPU and CUDA)
+        updates weights without bumping their version counters, so a table kept from one validation
+        would otherwise be read, stale, by the next (it was: in-training validation loss 1.575
+        against 1.564 for the same weights loaded afresh)."""
+        self._kept_table = None
+        return super().train(mode)
+
     @property
     def copies(self) -> bool:
         """Whether a read proposes next bytes for the output: always with the learned `copy` weight,
@@ -280,7 +288,8 @@ class EpisodicMemory(Memory):
             return table.view(PAD + 1, len(outs), -1).transpose(0, 1).reshape(len(outs) * (PAD + 1), -1)
         if torch.is_grad_enabled():
             return project()
-        # an optimizer step or a load bumps a weight's _version
+        # a load or an in-place edit bumps a weight's _version; a fused optimizer step does not, so
+        # train() drops the table too (weights change while training, see train below)
         key = tuple((w.data_ptr(), w._version) for w in [self.value_emb.weight] + [out.weight for out in outs])
         if self._kept_table is None or self._kept_table[0] != key:
             self._kept_table = (key, project())
