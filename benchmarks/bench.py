@@ -114,7 +114,9 @@ def bench_training(corpus, rounds: int, steps: int, warmup: int, text: str, tmp:
     tps = {name: trainers[name].tokens_per_step / (ms[name] / 1000) for name in trainers}
     params = {name: sum(p.numel() for p in t.model.parameters()) for name, t in trainers.items()}
     ours = {n: t for n, t in trainers.items() if n in CONTENDERS}
-    return {"ms_per_iter": ms, "tokens_per_s": tps, "params": params,
+    # each round's paired ratio (the same moment of the machine for both): the spread one run shows
+    pair = {n: [s0 / t for s0, t in zip(per_round["slots0"], per_round[n])] for n in CONTENDERS if n != "slots0"}
+    return {"ms_per_iter": ms, "tokens_per_s": tps, "params": params, "ratio_per_round": pair,
             "segments": {n: t.segments for n, t in ours.items()},
             "whole_episode_forward": {n: t.model.episode_path(t.segments, t.mcfg.block_size) for n, t in ours.items()}}
 
@@ -370,6 +372,8 @@ def render(doc: dict) -> None:
     t.add_row("nanoGPT's step (benchmarks/nanogpt_baseline.py)", f"{tr['ms_per_iter']['nanogpt']:.1f}",
               f"{tr['tokens_per_s']['nanogpt']:,.0f}", f"{tr['tokens_per_s']['nanogpt'] / tr['tokens_per_s']['slots0']:.2f}", "", "")
     con.print(t)
+    lo, hi = doc["train_ratio_range"]
+    con.print(f"episodic vs --slots 0, per interleaved round: {lo:.2f} to {hi:.2f} (median of rounds' times: {doc['train_ratio']:.2f})")
     g = Table(title=f"greedy generation, batch 1, {doc['generation']['new_bytes']} bytes (default model shape)")
     for col in ("model", "with cache tok/s", "without cache tok/s", "speedup"):
         g.add_column(col, justify="left" if col == "model" else "right")
@@ -449,6 +453,7 @@ def main() -> None:
     doc["ms_per_iter_slots0"] = tr["ms_per_iter"]["slots0"]
     doc["train_ratio"] = tr["tokens_per_s"]["episodic"] / tr["tokens_per_s"]["slots0"]
     doc["train_ratio_linformer"] = tr["tokens_per_s"]["linformer"] / tr["tokens_per_s"]["slots0"]
+    doc["train_ratio_range"] = [min(tr["ratio_per_round"]["episodic"]), max(tr["ratio_per_round"]["episodic"])]
 
     log("matmul probe")
     peak = matmul_flops(1.0 if a.quick else 3.0)
