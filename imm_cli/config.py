@@ -22,6 +22,7 @@ MEMORIES = {
     "delta": "imm_cli.memory.delta:DeltaMemory",
 }
 MEMORY_KINDS = tuple(MEMORIES)
+BUDGETED = ("episodic", "knn")  # the memories whose size is a budget in entries (--memory-size)
 MEMORY_NORMS = ("layer", "l2")
 
 

@@ -21,6 +21,7 @@ from rich.segment import Segment
 from rich.text import Text
 
 from imm_cli import runs
+from imm_cli.config import BUDGETED
 from imm_cli.errors import InputError, RunError
 from imm_cli.runs import json_safe
 
@@ -254,7 +255,7 @@ def parse_list(text: str, kind, flag: str) -> list:
 def budget_label(model: dict) -> str:
     """', 16,384 entries, top-4' for an experiment's title: the budget and read it measured with
     (episodic and knn memories; '' for the others)."""
-    if not model.get("memory_size") or model.get("memory") not in ("episodic", "knn"):
+    if not model.get("memory_size") or model.get("memory") not in BUDGETED:
         return ""
     return f", {model['memory_size']:,} entries" + (f", top-{model['topk']}" if model.get("topk") else "")
 

@@ -14,10 +14,10 @@ from typing import Optional
 
 import typer
 
-from imm_cli.config import MEMORY_KINDS, ModelConfig, TrainConfig, flag_values
+from imm_cli.config import MEMORY_KINDS, MEMORY_NORMS, ModelConfig, TrainConfig, flag_values
 
 Kind = Enum("Kind", {k: k for k in MEMORY_KINDS}, type=str)  # --memory's choices: every registered memory kind
-Norm = Enum("Norm", {k: k for k in ("layer", "l2")}, type=str)  # --memory-norm's choices
+Norm = Enum("Norm", {k: k for k in MEMORY_NORMS}, type=str)  # --memory-norm's choices
 
 DEFAULTS = flag_values(ModelConfig(), TrainConfig())
 # flags whose type their default cannot tell (None, or a choice among names)

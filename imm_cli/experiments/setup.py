@@ -14,9 +14,6 @@ from imm_cli.facts import Fact, load_facts
 from imm_cli.model import GPT
 
 
-BUDGETED = ("episodic", "knn")  # memories whose size is a number of entries
-MAX_ENTRIES = 1_048_576  # as config.MemoryConfig.check
-
 
 def open_run(run: Path, device: str = "cpu") -> tuple[GPT, dict, np.ndarray]:
     """(model in eval mode, config dict, validation bytes of the corpus the run was trained on)."""
@@ -62,19 +59,15 @@ def set_knn_lm(model: GPT, weight: float | None, exact: float | None = None) -> 
     model.memory.cfg = mem
 
 
-def check_memory_size(size: int | None, memory: config.MemoryConfig | None = None) -> None:
+def check_memory_size(size: int | None, memory: config.MemoryConfig) -> None:
     """An experiment's budget override (None: the run's own) for a run whose memory is `memory`:
-    only the memories with a budget in entries, by training's range rule (--slots to 1,048,576).
-    Without `memory` (before the run is read), the range alone."""
+    only the memories with a budget in entries, by training's range rule (--slots to 1,048,576)."""
     if size is None:
         return
-    if memory is None:
-        if not 1 <= size <= MAX_ENTRIES:
-            raise InputError(f"--memory-size must be between 1 and {MAX_ENTRIES} entries (got {size})")
-        return
     kind = memory.kind if memory.enabled else "none"
-    if kind not in BUDGETED:
-        raise InputError(f"--memory-size: only the {' and '.join(BUDGETED)} memories have a budget in entries (this run's memory: {kind})")
+    if kind not in config.BUDGETED:
+        raise InputError(f"--memory-size: only the {' and '.join(config.BUDGETED)} memories have a budget in entries "
+                         f"(this run's memory: {kind})")
     replace(memory, size=size).check()  # training's rule: at least --slots entries
 
 

@@ -317,8 +317,9 @@ def _run_locked(s: SweepSettings, points: list[Point], shared: dict, out: Path, 
     skipped = [p.name for p in points if p.name in done]
     todo = [p for p in points if p.name not in done]
     emit({"type": "sweep", "points": len(points), "done": len(skipped), "todo": [p.name for p in todo]})
-    if ignored_note(s) and todo:  # said before the training, not only after it
-        emit({"type": "warning", "message": ignored_note(s)})
+    ignored = ignored_note(s)
+    if ignored and todo:  # said before the training, not only after it
+        emit({"type": "warning", "message": ignored})
     trained, measured, interrupted = [], [], False
     for i, p in enumerate(todo):
         emit({"type": "point", "point": p.name, "index": len(skipped) + i + 1, "points": len(points)})
@@ -334,8 +335,8 @@ def _run_locked(s: SweepSettings, points: list[Point], shared: dict, out: Path, 
         emit({"type": "point_done", "point": p.name, "record": rec})
     records = [done[p.name] for p in points if p.name in done]
     notes = [f"{out / JSONL}: {damaged} damaged line(s) skipped"] if damaged else []
-    if ignored_note(s):
-        notes.append(ignored_note(s))
+    if ignored:
+        notes.append(ignored)
     return SweepResult(out=str(out), rank_by=rank_by, points=rank(records, rank_by), trained=trained,
                        measured=measured, skipped=skipped, interrupted=interrupted,
                        seconds=time.perf_counter() - t0, notes=notes)
