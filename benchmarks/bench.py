@@ -8,6 +8,8 @@ host sync per step) on nanoGPT's CPU reference configuration (4 layers, 4 heads,
 block 64, batch 12, lr 1e-3), interleaved round by round so machine noise hits all alike; figures
 are medians over rounds. nanoGPT's own step (benchmarks/nanogpt_baseline.py) runs in the same
 rounds, so "--slots 0 vs nanoGPT" is measured side by side, not against a published figure.
+The same pair (--slots 0, the default memory) is also timed at `imm train`'s own defaults
+(block 128, batch 16, the embedded corpus), paired round by round: what a default training pays.
 Also: greedy generation at batch 1 with and without the KV cache, the wall time of `imm recall`
 and `imm needle` (defaults, examples/facts.txt), model FLOPs per token and utilisation against a
 torch.matmul probe, and the peak RSS of a training process.
@@ -67,9 +69,10 @@ def log(msg: str) -> None:
 class Trainer:
     """One contender: model, optimizer and data stream, stepping exactly as imm_cli.train does."""
 
-    def __init__(self, memory: MemoryConfig, corpus, seed: int = 1337) -> None:
-        self.mcfg = ModelConfig(**REFERENCE, memory=memory)
-        self.tcfg = TrainConfig(**REFERENCE_TRAIN, seed=seed)
+    def __init__(self, memory: MemoryConfig, corpus, seed: int = 1337, model: dict = REFERENCE,
+                 train: dict = REFERENCE_TRAIN) -> None:
+        self.mcfg = ModelConfig(**model, memory=memory)
+        self.tcfg = TrainConfig(**train, seed=seed)
         torch.manual_seed(seed)
         self.model = GPT(self.mcfg).train()
         self.opt = make_optimizer(self.model, self.tcfg, torch.device("cpu"))
@@ -119,6 +122,24 @@ def bench_training(corpus, rounds: int, steps: int, warmup: int, text: str, tmp:
     return {"ms_per_iter": ms, "tokens_per_s": tps, "params": params, "ratio_per_round": pair,
             "segments": {n: t.segments for n, t in ours.items()},
             "whole_episode_forward": {n: t.model.episode_path(t.segments, t.mcfg.block_size) for n, t in ours.items()}}
+
+
+def bench_default_recipe(corpus, rounds: int, steps: int, warmup: int) -> dict:
+    """The default memory against --slots 0 at `imm train`'s own defaults (block 128, batch 16,
+    4-segment episodes with gap segments, the embedded corpus's mix), in paired rounds: what a user's
+    default training pays for the memory, beside the reference configuration's figure."""
+    trainers = {name: Trainer(CONTENDERS[name], corpus, model={}, train={}) for name in ("slots0", "episodic")}
+    for t in trainers.values():
+        for _ in range(warmup):
+            t.step()
+    per_round = {name: [] for name in trainers}
+    for r in range(rounds):
+        for name in (list(trainers) if r % 2 else list(trainers)[::-1]):
+            per_round[name].append(statistics.median([trainers[name].step() for _ in range(steps)]))
+    ms = {name: 1000 * statistics.median(v) for name, v in per_round.items()}
+    pair = [s0 / t for s0, t in zip(per_round["slots0"], per_round["episodic"])]
+    return {"ms_per_iter": ms, "train_ratio": ms["slots0"] / ms["episodic"], "ratio_per_round": pair,
+            "config": {"block_size": ModelConfig().block_size, "batch_size": TrainConfig().batch_size}}
 
 
 # ----------------------------------------------------------------------------- read cost vs memory size
@@ -374,6 +395,10 @@ def render(doc: dict) -> None:
     con.print(t)
     lo, hi = doc["train_ratio_range"]
     con.print(f"episodic vs --slots 0, per interleaved round: {lo:.2f} to {hi:.2f} (median of rounds' times: {doc['train_ratio']:.2f})")
+    d = doc["default_recipe"]
+    con.print(f"the same pair at imm train's defaults (block {d['config']['block_size']}, batch {d['config']['batch_size']}): "
+              f"{d['ms_per_iter']['slots0']:.1f} vs {d['ms_per_iter']['episodic']:.1f} ms/iter, episodic vs --slots 0 "
+              f"{d['train_ratio']:.2f} (rounds {min(d['ratio_per_round']):.2f} to {max(d['ratio_per_round']):.2f})")
     g = Table(title=f"greedy generation, batch 1, {doc['generation']['new_bytes']} bytes (default model shape)")
     for col in ("model", "with cache tok/s", "without cache tok/s", "speedup"):
         g.add_column(col, justify="left" if col == "model" else "right")
@@ -454,6 +479,8 @@ def main() -> None:
     doc["train_ratio"] = tr["tokens_per_s"]["episodic"] / tr["tokens_per_s"]["slots0"]
     doc["train_ratio_linformer"] = tr["tokens_per_s"]["linformer"] / tr["tokens_per_s"]["slots0"]
     doc["train_ratio_range"] = [min(tr["ratio_per_round"]["episodic"]), max(tr["ratio_per_round"]["episodic"])]
+    log(f"training at imm train's defaults: {rounds} paired rounds x {steps} steps, --slots 0 and episodic")
+    doc["default_recipe"] = bench_default_recipe(load_corpus(None), rounds, steps, warmup)
 
     log("matmul probe")
     peak = matmul_flops(1.0 if a.quick else 3.0)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from imm_cli.errors import InputError
-from imm_cli.facts import MID_LINE, Fact
+from imm_cli.facts import MID_LINE, PLACEMENTS, Fact
 
 # ----------------------------------------------------------------------------- inventory
 
@@ -183,7 +183,6 @@ class CurriculumEpisode:
     cued: list[Fact] = field(default_factory=list)  # facts recalled in the last segment, in order
 
 
-PLACEMENTS = ("line", "prose")  # a fact (or a cue) on its own line, or inside a line of running text
 _LINE_START = re.compile(rb"\n")
 
 

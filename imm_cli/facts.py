@@ -12,8 +12,10 @@ from imm_cli.errors import InputError
 # a space that follows a word: what comes after it sits inside a line of running text (the "prose"
 # placement of a fact or a cue, for the curriculum and the experiments alike)
 MID_LINE = re.compile(rb"[^\s] ")
+PLACEMENTS = ("line", "prose")  # a fact (or a cue) on a line of its own, or inside a line of running text
 
 CUE_WORDS = 2
+LINE_BREAK = re.compile(r"\r\n|\r|\n")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,9 @@ def load_facts(path: str | os.PathLike[str], max_bytes: int | None = None) -> li
     text = read_text_file(name, what="facts file").removeprefix("\ufeff")  # a UTF-8 BOM is no part of the first cue
     facts: list[Fact] = []
     seen: dict[str, int] = {}
-    for lineno, raw in enumerate(text.splitlines(), start=1):
+    # lines end at \n, \r\n or \r only (as an editor numbers them): str.splitlines would also cut a
+    # fact at a form feed, NEL or U+2028 inside it, silently making two facts of one
+    for lineno, raw in enumerate(LINE_BREAK.split(text), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue

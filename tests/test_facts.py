@@ -37,6 +37,19 @@ def test_load_facts_skips_blank_and_comments(tmp_path):
     assert [f.cue for f in facts] == ["Wikipedia went", "Neptune was"]
 
 
+@pytest.mark.parametrize("inner", ["\x0c", "\x85", "\u2028", "\u2029", "\x1c"])
+def test_only_newlines_end_a_fact(tmp_path, inner):
+    """A form feed, NEL or Unicode line separator inside a fact (or a comment) is not a line break:
+    str.splitlines would cut the fact in two and number the lines unlike an editor."""
+    p = write(tmp_path, f"# a comment{inner}with a tail\r\nVolta invented the battery{inner}in 1800.\rNeptune was\n")
+    with pytest.raises(InputError, match="line 3 has fewer than 3 words"):
+        load_facts(p)
+    p = write(tmp_path, f"# a comment{inner}with a tail\r\nVolta invented the battery{inner}in 1800.\rNeptune was found in 1846.\n")
+    facts = load_facts(p)
+    assert [f.cue for f in facts] == ["Volta invented", "Neptune was"]
+    assert facts[0].rest == f" the battery{inner}in 1800."
+
+
 def test_example_facts_file():
     facts = load_facts(EXAMPLES)
     assert len(facts) >= 12

@@ -409,3 +409,60 @@ def test_prose_prompt_has_its_length_when_no_line_is_long_enough():
     for length in (20, 64, 90):
         p = probe.cue_prompt(text, Fact.from_text("Zorvak Tennel was born."), length, random.Random(1), placement="prose")
         assert len(p) == length and p.endswith(b" Zorvak Tennel") and b"\n" not in p[-30:]
+
+
+def test_in_window_control_holds_every_fact_that_fits_alone():
+    """Two long facts that each fit the window beside their cue, but not in one batch (a shared
+    prompt length is set by the longest rest): both are measured, in batches of their own."""
+    from imm_cli.config import ModelConfig
+    from imm_cli.experiments.needle import _fits_in_window, _in_window_groups
+    from imm_cli.facts import Fact
+    from imm_cli.model import GPT
+
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=128))
+    facts = [Fact.from_text("Magellan's fleet completed the first circumnavigation in 1522."),
+             Fact.from_text("Photosynthesis converts light energy into chemical energy here."),
+             Fact.from_text("Zorvak Tennel " + "was born by the sea, " * 6 + "in 1873."),  # fits nowhere
+             Fact.from_text("Quibbel Harrow sailed far.")]
+    rests = probe.encode_rests(facts)
+    assert all(_fits_in_window(model, facts[i], len(rests[i])) for i in (0, 1, 3))
+    assert not _fits_in_window(model, facts[0], max(len(rests[0]), len(rests[1]))) or \
+        not _fits_in_window(model, facts[1], max(len(rests[0]), len(rests[1])))
+    groups = _in_window_groups(model, facts, rests)
+    assert sorted(i for rows, _ in groups for i in rows) == [0, 1, 3]
+    for rows, r_max in groups:  # each batch's shared generation length fits every row of it
+        assert r_max == max(len(rests[i]) for i in rows)
+        assert all(_fits_in_window(model, facts[i], r_max) for i in rows)
+
+
+def test_recall_at_1_follows_each_rows_true_rest():
+    """recall@1 of a subset of prompts, in another order, ranks them among every rest as the full set does."""
+    from imm_cli.config import ModelConfig
+    from imm_cli.model import GPT
+
+    torch.manual_seed(0)
+    model = GPT(ModelConfig(n_layer=2, n_head=2, n_embd=32, block_size=64)).eval()
+    rests = [b" alpha beta", b" gamma", b" delta epsilon zeta", b" eta"]
+    prompts = torch.randint(0, 256, (4, 20))
+    full = probe.recall_at_1(model, None, prompts, rests)
+    sub = probe.recall_at_1(model, None, prompts[[2, 0]], rests, truth=[2, 0])
+    assert sub.tolist() == full[[2, 0]].tolist()
+    chunked = probe.recall_at_1(model, None, prompts[[3, 1, 2]], rests, rows=4, truth=[3, 1, 2])  # one prompt per chunk
+    assert chunked.tolist() == full[[3, 1, 2]].tolist()
+
+
+def test_haystacks_shorter_than_the_longest_fact_are_refused(tiny_runs, tmp_path):
+    """Found by a new-user pass: --length 40 with a 62-byte fact ended in an AssertionError (exit 1)
+    after work had begun; now every haystack length (and --spacing) is checked first, exit 2."""
+    facts = tmp_path / "f.txt"
+    facts.write_text("Magellan's fleet completed the first circumnavigation in 1522.\nQuibbel Harrow sailed far.\n")
+    for flag, value in (("--length", "40"), ("--lengths", "1024,10"), ("--distance", "63"), ("--spacing", "63")):
+        out = tmp_path / flag.strip("-")
+        r = runner.invoke(app, ["needle", "--run", str(tiny_runs["episodic"]), "--facts", str(facts), flag, value,
+                                "--trials", "1", "--out", str(out)])
+        assert r.exit_code == 2, (flag, r.output)
+        assert f"{flag} " in r.output and "at least 64 bytes" in r.output and "Traceback" not in r.output
+        assert not out.exists()
+    r = runner.invoke(app, ["needle", "--run", str(tiny_runs["episodic"]), "--facts", str(facts), "--length", "64",
+                            "--trials", "1", "--no-sweeps", "--out", str(tmp_path / "ok")])
+    assert r.exit_code == 0, r.output

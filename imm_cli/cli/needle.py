@@ -29,7 +29,7 @@ def needle(
     depth: float = typer.Option(D.depth, help="Where the fact sits in its haystack: 0 = start, 1 = end."),
     trials: int = typer.Option(D.trials, help="Haystack draws; figures are mean and std over them."),
     context: int = typer.Option(D.context, help="Bytes of other text before the cue in the test context."),
-    placement: str = typer.Option(",".join(D.placements), help="line (the fact and its cue on lines of their own), prose (inside running text, the cue after other words on its line), or both, comma-separated; the first is the headline and the sweeps'."),
+    placement: str = typer.Option(",".join(D.placements), help="line (the fact and its cue on lines of their own), prose (inside running text, the cue after other words on its line), or both as line,prose; the first is the headline and the sweeps'."),
     lengths: str = typer.Option(",".join(map(str, D.lengths)), help="Heatmap haystack lengths in bytes (up to 65536), comma-separated."),
     depths: str = typer.Option(",".join(f"{d:g}" for d in D.depths), help="Heatmap depths, comma-separated."),
     distance: str = typer.Option(",".join(map(str, D.distance)), help="Distance curve: haystack lengths in bytes with the fact at depth 0 (up to 65536), comma-separated."),

@@ -104,6 +104,21 @@ def _in_window_rows(model: GPT, facts: list[Fact], rests: list[bytes]) -> tuple[
     return best, best_r
 
 
+def _in_window_groups(model: GPT, facts: list[Fact], rests: list[bytes]) -> list[tuple[list[int], int]]:
+    """Batches of the fact-in-window control that together hold every fact fitting the window beside
+    its cue on its own: the largest such batch first (`_in_window_rows`), then the largest among the
+    facts left, and so on (a long rest in one batch would otherwise leave out facts that fit alone)."""
+    groups, left = [], list(range(len(facts)))
+    while left:
+        rows, r_max = _in_window_rows(model, [facts[i] for i in left], [rests[i] for i in left])
+        if not rows:
+            break
+        groups.append(([left[j] for j in rows], r_max))
+        taken = set(rows)
+        left = [i for j, i in enumerate(left) if j not in taken]
+    return groups
+
+
 @torch.no_grad()
 def _evaluate(model: GPT, state, prompts: torch.Tensor, rests: list[bytes], with_rank: bool = True,
               written: list[bytes] | None = None, cues: list[str] | None = None) -> dict:
@@ -153,18 +168,29 @@ def run_trial(model: GPT, facts: list[Fact], text: np.ndarray, s: NeedleSettings
     out = {"memory": _evaluate(model, written, prompts, rests, written=hay, cues=[f.cue for f in facts]),
            "fresh": _evaluate(model, model.init_state(N, device), prompts, rests),
            "other_facts": _evaluate(model, _rotate(written), prompts, rests)}
-    fit, r_max = _in_window_rows(model, facts, rests)
-    if fit:  # the fact in the window, then the cue (the fact's own placement): only for facts that fit
-        B = model.cfg.block_size
-        P_ic = B - r_max + 1
-        ic = probe.as_ids([probe.cue_prompt(text, facts[i], P_ic, rng, placement=placement,
-                                            before=b"\n" + facts[i].text.encode() + b"\n") for i in fit], device)
-        res = _evaluate(model, model.init_state(len(fit), device), ic, [rests[i] for i in fit], with_rank=len(fit) > 1)
-        res.setdefault("recall_at_1", [True] * len(fit))
-        out["in_context"] = {**res, "rows": fit}
-    else:
-        out["in_context"] = None
+    out["in_context"] = _in_context(model, facts, rests, text, rng, placement)
     return out
+
+
+def _in_context(model: GPT, facts: list[Fact], rests: list[bytes], text: np.ndarray, rng: random.Random,
+                placement: str) -> dict | None:
+    """The fact in the window, then the cue (the fact's own placement), for every fact that fits the
+    window beside its cue (null if none does), in batches sharing a prompt length (`_in_window_groups`);
+    recall@1 ranks each row's true rest among every fact's rest, as in the memory condition."""
+    device, B = model.wte.weight.device, model.cfg.block_size
+    merged: dict[str, list] = {}
+    for rows, r_max in _in_window_groups(model, facts, rests):
+        ic = probe.as_ids([probe.cue_prompt(text, facts[i], B - r_max + 1, rng, placement=placement,
+                                            before=b"\n" + facts[i].text.encode() + b"\n") for i in rows], device)
+        res = _evaluate(model, model.init_state(len(rows), device), ic, [rests[i] for i in rows], with_rank=False)
+        res["recall_at_1"] = probe.recall_at_1(model, None, ic, rests, truth=rows).cpu().tolist()
+        res["rows"] = rows
+        for key, values in res.items():
+            merged.setdefault(key, []).extend(values)
+    if not merged:
+        return None
+    order = sorted(range(len(merged["rows"])), key=merged["rows"].__getitem__)  # fact order, as the other conditions
+    return {key: [values[j] for j in order] for key, values in merged.items()}
 
 
 def _summarise(per_trial: list[dict]) -> dict[str, dict[str, float] | None]:
@@ -322,10 +348,18 @@ def check_settings(s: NeedleSettings, facts: list[Fact]) -> None:
     if not all(0 <= d <= 1 for d in s.depths):
         raise InputError(f"--depths must be between 0 and 1 (got {','.join(f'{d:g}' for d in s.depths)})")
     if not s.placements or any(p not in probe.PLACEMENTS for p in s.placements):
-        raise InputError(f"--placement must be line, prose or both (got {','.join(s.placements) or 'nothing'})")
+        raise InputError(f"--placement must be line, prose or line,prose (got {','.join(s.placements) or 'nothing'})")
     for name, values in (("--length", (s.length,)), ("--lengths", s.lengths), ("--distance", s.distance)):
         if any(not 1 <= L <= MAX_HAYSTACK for L in values):
             raise InputError(f"{name}: haystack lengths must be between 1 and {MAX_HAYSTACK:,} bytes")
+    # a haystack (and a document's stretch per fact) holds its fact whole, with a line break on each
+    # side ("line") or a space after it ("prose"): shorter ones would differ in length fact by fact
+    longest = max(facts, key=lambda f: f.nbytes)
+    need = longest.nbytes + 2
+    for name, values in (("--length", (s.length,)), ("--lengths", s.lengths), ("--distance", s.distance), ("--spacing", (s.spacing,))):
+        if values and min(values) < need:
+            raise InputError(f"{name} {min(values)}: too short for the longest fact ({longest.nbytes} bytes, "
+                             f"cue {longest.cue!r}) with its line breaks: at least {need} bytes")
     if any(not 1 <= n <= 1024 for n in s.document):
         raise InputError("--document: numbers of facts must be between 1 and 1024")
     if not 64 <= s.spacing <= 8192:
@@ -345,7 +379,7 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
     t0 = time.perf_counter()
     model.eval()
     notes = []
-    fit = set(_in_window_rows(model, facts, probe.encode_rests(facts))[0])
+    fit = {i for rows, _ in _in_window_groups(model, facts, probe.encode_rests(facts)) for i in rows}
     too_long = [i + 1 for i in range(len(facts)) if i not in fit]
     if too_long:
         notes.append(f"fact(s) {', '.join(map(str, too_long))} do not fit the {model.cfg.block_size}-byte window beside "

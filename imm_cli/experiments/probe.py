@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from imm_cli.data import encode
-from imm_cli.facts import MID_LINE, Fact
+from imm_cli.facts import MID_LINE, PLACEMENTS, Fact
 from imm_cli.memory import State
 from imm_cli.model import GPT
 
@@ -62,7 +62,6 @@ def text_window(text: np.ndarray, length: int, rng: random.Random) -> bytes:
     return text[start : start + length].tobytes()
 
 
-PLACEMENTS = ("line", "prose")  # the fact (and its cue) on a line of its own, or inside running text
 
 
 def haystack(text: np.ndarray, fact: Fact | None, length: int, depth: float, rng: random.Random,
@@ -172,24 +171,26 @@ def exact_matches(generated: list[bytes], rests: list[bytes]) -> list[bool]:
 
 
 @torch.no_grad()
-def recall_at_1(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes], rows: int = 1024) -> torch.Tensor:
-    """Row i: is fact i's true rest the lowest-loss (per byte) rest among all facts' rests?
+def recall_at_1(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes], rows: int = 1024,
+                truth: list[int] | None = None) -> torch.Tensor:
+    """Row i: is its fact's true rest (rests[truth[i]]; by default fact i's) the lowest-loss (per
+    byte) rest among all facts' rests?
 
     Each prompt is run once into a KV cache; the N candidate rests then continue from it. Prompts go
     in chunks of at most `rows` (prompt, candidate) pairs, so 128 facts need no 16,384-row memory state.
     """
-    N = prompts.shape[0]
+    C, N = prompts.shape[0], len(rests)
+    truth_t = torch.tensor(list(range(C)) if truth is None else truth, device=prompts.device)
     chunk = max(1, rows // N)
     return torch.cat([_recall_at_1_rows(model, None if state is None else {k: v[i:i + chunk] for k, v in state.items()},
-                                        prompts[i:i + chunk], rests, i) for i in range(0, N, chunk)])
+                                        prompts[i:i + chunk], rests, truth_t[i:i + chunk]) for i in range(0, C, chunk)])
 
 
-def _recall_at_1_rows(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes], first: int) -> torch.Tensor:
-    """recall_at_1 for the prompts of facts first, first+1, ... (every fact's rest is a candidate)."""
+def _recall_at_1_rows(model: GPT, state: State | None, prompts: torch.Tensor, rests: list[bytes], truth: torch.Tensor) -> torch.Tensor:
+    """recall_at_1 for a chunk of prompts whose true rests are rests[truth] (every fact's rest is a candidate)."""
     C, P = prompts.shape
     N = len(rests)
     R = max(len(r) for r in rests)
-    truth = torch.arange(first, first + C, device=prompts.device)
     if P + R - 1 > model.cfg.block_size:  # past the window: score every (prompt, rest) pair directly
         losses = torch.stack([score_rests(model, state, prompts, [r] * C)["loss_per_byte"] for r in rests], dim=1)
         return losses.argmin(dim=1) == truth
