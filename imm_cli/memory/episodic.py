@@ -64,6 +64,7 @@ from imm_cli.memory.base import PAD, Memory, Segment, State
 SURE = math.log(4 / 3)  # a byte predicted with p > 3/4 (loss below this) is scored by its own loss
 GATHER_K = 32  # up to this many stored entries per query, their values are gathered; beyond, summed per byte id
 READ_CHUNK = 8192  # stored entries scored per matmul when taking the top-k (bounds memory at 65K entries)
+UNSEEN = -1e9  # the cosine an unseen entry reads as: times any scale above 1e-7 its softmax weight is exactly 0
 EXACT_COS = 0.999  # a stored context this close to the query's is the same bytes (knn_exact): float rounding aside
 
 
@@ -126,8 +127,9 @@ class EpisodicMemory(Memory):
         """(b n dk) unit vectors: the n-gram of the `key_bytes` bytes ending at each position."""
         return self._ngram(seg.ids, seg.prev)
 
-    def _ngram(self, ids: Tensor, prev: Tensor, few_read: bool = False) -> Tensor:
-        """few_read: most of these keys will get no gradient (gap text: only its chosen entries do)."""
+    def _ngram(self, ids: Tensor, prev: Tensor, few_read: "_ReadRows | None" = None) -> Tensor:
+        """few_read: most of these keys will get no gradient (gap text: only its chosen entries do);
+        the caller fills it with the rows that do before the backward runs."""
         K = self.cfg.key_bytes
         b, n = ids.shape
         prev = prev[:, -(K - 1):] if K > 1 else prev[:, :0]
@@ -258,16 +260,17 @@ class EpisodicMemory(Memory):
         if self.cfg.local and w > 1:
             local = torch.bmm(q_keys, win_keys[:, : w - 1].transpose(1, 2))  # (b n w-1)
             seen = torch.ones(n, w - 1, dtype=torch.bool, device=q_keys.device).tril(w - n - 1)
-            cos.append(local.masked_fill(~seen, -math.inf))
+            cos.append(local.masked_fill_(~seen, -math.inf))  # in place: bmm's backward needs only its inputs
             local_ids = win_bytes[:, 1:]
-        cos = torch.cat(cos, dim=-1)
-        unseen = torch.isneginf(cos)  # masked after scaling: a learned scale times -inf has a NaN gradient
-        cos = cos.masked_fill(unseen, 0.0)
+        # an unseen entry (-inf) -> UNSEEN: any scale then puts exactly zero weight on it, and its
+        # gradient is exactly zero (a learned scale times -inf has a NaN one); one clamp, not a mask
+        # over every read channel's logits
+        cos = torch.cat(cos, dim=-1).clamp(min=UNSEEN)
         scales, nulls = [self.log_scale.exp()], [self.null_cos]
         if self.cfg.sharp:
             scales.append(self.log_scale.new_tensor(self.cfg.sharp))
             nulls.append(self.sharp_null)
-        attn = _read_softmax(cos, unseen, torch.stack(scales), torch.stack(nulls))  # (C b n e)
+        attn = _read_softmax(cos, torch.stack(scales), torch.stack(nulls))  # (C b n e)
         k = st_cos.shape[-1]
         return {"attn": attn, "stored_ids": st_ids, "local_ids": local_ids, "k": k, "stored_idx": st_idx, "cos": cos,
                 "stored_attn": attn[0][..., :k], "local_attn": attn[0][..., k:].sum(-1)}
@@ -413,7 +416,8 @@ class EpisodicMemory(Memory):
         ids, targets = stream.ids, stream.targets
         b, L = ids.shape
         S, k = len(starts), min(self.cfg.topk, max(starts)) if self.cfg.topk else max(starts)
-        kw = self._ngram(ids, stream.prev, few_read=L > S * n)  # (b L dk): every position's context within its episode
+        read_rows = _ReadRows() if L > S * n else None  # gap text: few of its keys get a gradient
+        kw = self._ngram(ids, stream.prev, few_read=read_rows)  # (b L dk): every position's context within its episode
         bytes_ = targets.masked_fill(targets < 0, PAD)
         pos = torch.tensor([lo + j for lo in starts for j in range(n)], device=ids.device)  # (S*n)
         q = kw.index_select(1, pos)  # (b S*n dk)
@@ -431,10 +435,17 @@ class EpisodicMemory(Memory):
         with torch.no_grad():  # which k entries, each segment against its own prefix
             unknown = self._let_go(targets < 0)  # (b L) never stored, or hidden in training
             # two calls: the segments before the last together (prefixes end at the last but one's
-            # start), the last alone (after a gap its prefix is long): at most twice the scores needed
-            best = [_prefix_topk(q[:, :(S - 1) * n], kw, unknown, starts[:-1], n, k),
+            # start), the last alone (after a gap its prefix is long): at most twice the scores needed;
+            # a segment at the episode's start has no prefix: nothing to score (-inf, index 0)
+            lead = int(starts[0] == 0)
+            best = [_prefix_topk(q[:, :lead * n], kw, unknown, [], n, k),
+                    _prefix_topk(q[:, lead * n:(S - 1) * n], kw, unknown, starts[lead:-1], n, k),
                     _prefix_topk(q[:, (S - 1) * n:], kw, unknown, starts[-1:], n, k)]
             s, i = torch.cat([c for c, _ in best], 1), torch.cat([j for _, j in best], 1)  # (b S*n k)
+            if read_rows is not None:  # the keys that get a gradient: every query's, every chosen entry's
+                mark = torch.zeros(b, L, dtype=torch.bool, device=ids.device)
+                mark[:, pos] = True
+                read_rows.index = mark.scatter_(1, i.flatten(1), True).flatten().nonzero().squeeze(1)
         cos = _chosen_cosines(q, kw, s, i)
         st_ids = bytes_.gather(1, i.flatten(1)).view_as(i)
         per_seg = lambda t: t.reshape(b * S, n, *t.shape[2:])  # noqa: E731  (b S*n ...) -> (b*S n ...)
@@ -553,13 +564,20 @@ def _prefix_topk(q: Tensor, keys: Tensor, unknown: Tensor, starts: list[int], n:
     """(b S*n k) cosines and indices of the k best keys (b L dk) for the queries q (b S*n dk) of the
     n-byte segments beginning at `starts`, each query seeing only the keys before its segment's start
     whose next byte is known; -inf (index 0) where fewer than k exist."""
-    if not starts:
-        return q.new_zeros(q.shape[0], 0, k), torch.zeros(q.shape[0], 0, k, dtype=torch.long, device=q.device)
+    if not starts:  # nothing stored before these queries (or no queries)
+        b, m = q.shape[:2]
+        return q.new_full((b, m, k), -math.inf), torch.zeros(b, m, k, dtype=torch.long, device=q.device)
     end = max(starts)
     scores = torch.bmm(q, keys[:, :end].transpose(1, 2))  # (b S*n end)
-    first = torch.tensor(starts, device=q.device).repeat_interleave(n)  # (S*n) each query's segment start
-    later = torch.arange(end, device=q.device)[None] >= first[:, None]  # (S*n end) not yet written
-    return _topk_padded(scores.masked_fill_(later[None] | unknown[:, None, :end], -math.inf), k)
+    # masks only where something is masked: after a gap the last segment's (b n end) scores are the
+    # step's largest matrix, one start hides nothing of its prefix, and training hides no position
+    if len(starts) > 1:
+        first = torch.tensor(starts, device=q.device).repeat_interleave(n)  # (S*n) each query's segment start
+        later = torch.arange(end, device=q.device)[None] >= first[:, None]  # (S*n end) not yet written
+        scores.masked_fill_(later[None], -math.inf)
+    if bool(unknown[:, :end].any()):
+        scores.masked_fill_(unknown[:, None, :end], -math.inf)
+    return _topk_padded(scores, k)
 
 
 def _topk_padded(scores: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -577,14 +595,22 @@ def _rows(table: Tensor, idx: Tensor) -> Tensor:
     return table.index_select(0, idx.flatten()).view(*idx.shape, table.shape[-1])
 
 
-def _read_softmax(cos: Tensor, unseen: Tensor, scales: Tensor, nulls: Tensor) -> Tensor:
+def _read_softmax(cos: Tensor, scales: Tensor, nulls: Tensor) -> Tensor:
     """(b n e) cosines -> (C b n e): per read channel c (1/temperature scales[c], "nothing matches"
     cosine nulls[c]), the attention over the e entries (not the unseen ones) beside "nothing
     matches" (its share dropped)."""
     C = scales.shape[0]
-    logits = (scales[:, None, None, None] * cos).masked_fill(unseen, -math.inf)  # (C b n e)
+    logits = scales[:, None, None, None] * cos  # (C b n e); an unseen entry's UNSEEN underflows to weight 0
     null = (scales * nulls)[:, None, None, None].expand(C, *cos.shape[:2], 1)
     return torch.softmax(torch.cat([logits, null], dim=-1), dim=-1)[..., :-1]
+
+
+class _ReadRows:
+    """The rows of a (b L) n-gram key stream that carry a gradient, as flat indices: filled by
+    read_episode once its top-k is chosen (every query position, every chosen entry), read by the
+    keys' backward, which then adds only those (None: found from the gradient, a full scan)."""
+
+    index: Tensor | None = None
 
 
 class _NGramKey(torch.autograd.Function):
@@ -596,7 +622,7 @@ class _NGramKey(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, idx: Tensor, few_read: bool = False) -> Tensor:
+    def forward(ctx, table: Tensor, idx: Tensor, few_read: _ReadRows | None = None) -> Tensor:
         emb = F.embedding_bag(idx, table, mode="sum")
         norm = emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
         unit = emb / norm
@@ -607,8 +633,10 @@ class _NGramKey(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: Tensor):
         idx, unit, norm = ctx.saved_tensors
-        if ctx.few_read:  # only the keys that were read carry a gradient: add only those
-            rows = grad.ne(0).any(-1).nonzero().squeeze(1)
+        if ctx.few_read is not None:  # only the keys that were read carry a gradient: add only those
+            rows = ctx.few_read.index
+            if rows is None:
+                rows = grad.ne(0).any(-1).nonzero().squeeze(1)
             idx, unit, norm, grad = idx[rows], unit[rows], norm[rows], grad[rows]
         grad = (grad - unit * (grad * unit).sum(-1, keepdim=True)) / norm  # through x / |x|
         out = grad.new_zeros(ctx.rows, grad.shape[1])
