@@ -41,6 +41,15 @@ class Fact:
         return len(self.text.encode("utf-8"))
 
 
+def cue_notes(facts: list[Fact]) -> list[str]:
+    """Pairs of facts a completion cannot tell apart: one cue that begins another ("Queen Victoria"
+    and "Queen Victoria,"), so cued with the shorter one, the other fact's rest is a fair
+    continuation. Noted, not refused: the figures stand, read with that in mind."""
+    return [f"fact {i + 1}'s cue {a.cue!r} begins fact {j + 1}'s cue {b.cue!r}: cued with it, a completion "
+            f"from fact {j + 1} counts as a miss" for i, a in enumerate(facts) for j, b in enumerate(facts)
+            if i != j and b.cue.startswith(a.cue)]
+
+
 def load_facts(path: str | os.PathLike[str], max_bytes: int | None = None) -> list[Fact]:
     """Facts from a UTF-8 file: blank lines and ``#`` comments ignored; one-line InputError otherwise."""
     name = os.fspath(path)

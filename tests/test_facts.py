@@ -89,3 +89,14 @@ def test_load_facts_missing_and_directory(tmp_path):
         load_facts(tmp_path / "missing.txt")
     with pytest.raises(InputError, match="is a directory"):
         load_facts(tmp_path)
+
+
+def test_a_cue_that_begins_another_is_noted():
+    """Found by a new-user pass: "Queen Victoria" beside "Queen Victoria," made a fair completion a miss, silently."""
+    from imm_cli.facts import cue_notes
+
+    facts = [Fact.from_text("Queen Victoria ruled for 63 years."), Fact.from_text("Queen Victoria, empress of India, died in 1901."),
+             Fact.from_text("Neptune was discovered in 1846.")]
+    notes = cue_notes(facts)
+    assert len(notes) == 1 and "fact 1's cue 'Queen Victoria' begins fact 2's cue 'Queen Victoria,'" in notes[0]
+    assert cue_notes(load_facts(EXAMPLES)) == []

@@ -65,4 +65,6 @@ def _print(r: dict) -> None:
                   f"{ci['mean_kl_prompt']:.3f} on the prompts")
     if r.get("misses"):
         console.print(f"why the memory missed: {summary_line(r['misses'])}")
+    for note in r.get("notes", []):
+        console.print(f"note: {safe(note)}")
     console.print(safe(f"verdict: {r['verdict']}  ({r['seconds']:.1f} s)"))

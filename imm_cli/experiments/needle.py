@@ -38,7 +38,7 @@ import torch
 from imm_cli.errors import InputError
 from imm_cli.experiments import misses, probe
 from imm_cli.experiments.setup import mix_of
-from imm_cli.facts import Fact
+from imm_cli.facts import Fact, cue_notes
 from imm_cli.model import GPT
 
 CONDITIONS = ("memory", "fresh", "other_facts", "in_context")
@@ -378,7 +378,7 @@ def run_needle(model: GPT, facts: list[Fact], text: np.ndarray, settings: Needle
         raise InputError("the validation text is too short for these haystack lengths")
     t0 = time.perf_counter()
     model.eval()
-    notes = []
+    notes = cue_notes(facts)
     fit = {i for rows, _ in _in_window_groups(model, facts, probe.encode_rests(facts)) for i in rows}
     too_long = [i + 1 for i in range(len(facts)) if i not in fit]
     if too_long:

@@ -24,7 +24,7 @@ import torch
 from imm_cli.errors import InputError
 from imm_cli.experiments import misses, probe
 from imm_cli.experiments.setup import mix_of
-from imm_cli.facts import Fact
+from imm_cli.facts import Fact, cue_notes
 from imm_cli.model import GPT
 
 
@@ -42,6 +42,7 @@ class RecallResult:
     verdict: str = ""
     extra: dict = field(default_factory=dict)
     misses: dict = field(default_factory=dict)  # why the memory condition missed (experiments.misses)
+    notes: list[str] = field(default_factory=list)  # what to read the figures with (facts.cue_notes)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -148,5 +149,5 @@ def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, c
         model={"memory": model.cfg.memory.kind, "slots": model.cfg.memory.slots, "block_size": B,
                "topk": model.cfg.memory.topk, **mix_of(model)},
         facts=rows, summary=summary, context_influence=ctx,
-        seconds=time.perf_counter() - t0, verdict=verdict, misses=why,
+        seconds=time.perf_counter() - t0, verdict=verdict, misses=why, notes=cue_notes(facts),
     )
