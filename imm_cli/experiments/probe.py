@@ -62,8 +62,6 @@ def text_window(text: np.ndarray, length: int, rng: random.Random) -> bytes:
     return text[start : start + length].tobytes()
 
 
-
-
 def haystack(text: np.ndarray, fact: Fact | None, length: int, depth: float, rng: random.Random,
              placement: str = "line") -> bytes:
     """`length` bytes of real text with the fact once at `depth` (0 = start, 1 = end): as a line of
