@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from imm_cli.errors import InputError
-from imm_cli.facts import MID_LINE, PLACEMENTS, Fact
+from imm_cli.facts import MID_LINE, Fact
 
 # ----------------------------------------------------------------------------- inventory
 

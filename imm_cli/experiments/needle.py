@@ -38,7 +38,7 @@ import torch
 from imm_cli.errors import InputError
 from imm_cli.experiments import misses, probe
 from imm_cli.experiments.setup import mix_of
-from imm_cli.facts import Fact, cue_notes
+from imm_cli.facts import PLACEMENTS, Fact, cue_notes
 from imm_cli.model import GPT
 
 CONDITIONS = ("memory", "fresh", "other_facts", "in_context")
@@ -347,7 +347,7 @@ def check_settings(s: NeedleSettings, facts: list[Fact]) -> None:
         raise InputError(f"--depth must be between 0 and 1 (got {s.depth:g})")
     if not all(0 <= d <= 1 for d in s.depths):
         raise InputError(f"--depths must be between 0 and 1 (got {','.join(f'{d:g}' for d in s.depths)})")
-    if not s.placements or any(p not in probe.PLACEMENTS for p in s.placements):
+    if not s.placements or any(p not in PLACEMENTS for p in s.placements):
         raise InputError(f"--placement must be line, prose or line,prose (got {','.join(s.placements) or 'nothing'})")
     for name, values in (("--length", (s.length,)), ("--lengths", s.lengths), ("--distance", s.distance)):
         if any(not 1 <= L <= MAX_HAYSTACK for L in values):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from imm_cli.data import encode
-from imm_cli.facts import MID_LINE, PLACEMENTS, Fact
+from imm_cli.facts import MID_LINE, Fact
 from imm_cli.memory import State
 from imm_cli.model import GPT
 

@@ -24,7 +24,7 @@ import torch
 from imm_cli.errors import InputError
 from imm_cli.experiments import misses, probe
 from imm_cli.experiments.setup import mix_of
-from imm_cli.facts import Fact, cue_notes
+from imm_cli.facts import PLACEMENTS, Fact, cue_notes
 from imm_cli.model import GPT
 
 
@@ -62,7 +62,7 @@ def run_recall(model: GPT, facts: list[Fact], text: np.ndarray, seed: int = 0, c
         raise InputError("this run has no memory (--slots 0): there is nothing to recall from; train with --slots 1 or more")
     if context < 0:
         raise InputError(f"--context must be >= 0 (got {context})")
-    if placement not in probe.PLACEMENTS:
+    if placement not in PLACEMENTS:
         raise InputError(f"--placement must be line or prose (got {placement!r})")
     if len(facts) < 2:
         raise InputError("recall needs at least 2 facts (the other-facts control writes the other half)")
