@@ -100,19 +100,24 @@ class Trainer:
         return self.tcfg.batch_size * self.mcfg.block_size
 
 
-def bench_training(corpus, rounds: int, steps: int, warmup: int, text: str, tmp: Path) -> dict:
-    trainers = {name: Trainer(mem, corpus) for name, mem in CONTENDERS.items()}
-    trainers["nanogpt"] = NanoGPTTrainer(text, tmp, **REFERENCE_NANOGPT)
+def interleaved(trainers: dict, rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
+    """Each contender's median step time (s) per round; round r runs every contender in turn, the
+    order rotating, so machine noise hits them alike."""
     for t in trainers.values():
         for _ in range(warmup):
             t.step()
     per_round = {name: [] for name in trainers}
-    for r in range(rounds):  # interleaved: round r runs every contender in turn, order rotating
+    for r in range(rounds):
         names = list(trainers)
-        names = names[r % len(names):] + names[: r % len(names)]
-        for name in names:
-            times = [trainers[name].step() for _ in range(steps)]
-            per_round[name].append(statistics.median(times))
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            per_round[name].append(statistics.median([trainers[name].step() for _ in range(steps)]))
+    return per_round
+
+
+def bench_training(corpus, rounds: int, steps: int, warmup: int, text: str, tmp: Path) -> dict:
+    trainers = {name: Trainer(mem, corpus) for name, mem in CONTENDERS.items()}
+    trainers["nanogpt"] = NanoGPTTrainer(text, tmp, **REFERENCE_NANOGPT)
+    per_round = interleaved(trainers, rounds, steps, warmup)
     ms = {name: 1000 * statistics.median(v) for name, v in per_round.items()}
     tps = {name: trainers[name].tokens_per_step / (ms[name] / 1000) for name in trainers}
     params = {name: sum(p.numel() for p in t.model.parameters()) for name, t in trainers.items()}
@@ -129,13 +134,7 @@ def bench_default_recipe(corpus, rounds: int, steps: int, warmup: int) -> dict:
     4-segment episodes with gap segments, the embedded corpus's mix), in paired rounds: what a user's
     default training pays for the memory, beside the reference configuration's figure."""
     trainers = {name: Trainer(CONTENDERS[name], corpus, model={}, train={}) for name in ("slots0", "episodic")}
-    for t in trainers.values():
-        for _ in range(warmup):
-            t.step()
-    per_round = {name: [] for name in trainers}
-    for r in range(rounds):
-        for name in (list(trainers) if r % 2 else list(trainers)[::-1]):
-            per_round[name].append(statistics.median([trainers[name].step() for _ in range(steps)]))
+    per_round = interleaved(trainers, rounds, steps, warmup)
     ms = {name: 1000 * statistics.median(v) for name, v in per_round.items()}
     pair = [s0 / t for s0, t in zip(per_round["slots0"], per_round["episodic"])]
     return {"ms_per_iter": ms, "train_ratio": ms["slots0"] / ms["episodic"], "ratio_per_round": pair,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import math
 import os
@@ -250,6 +251,24 @@ def parse_list(text: str, kind, flag: str) -> list:
     if seen:
         raise InputError(f"{flag} names {seen[0]} twice (got {text!r})")
     return items
+
+
+def with_options(before: list[inspect.Parameter], after: list[inspect.Parameter] = ()):
+    """Put option declarations shared by several commands into a command's signature: after a
+    typer.Context, `before` ahead of the command's own options and `after` behind them. The command
+    takes them as **kwargs, or as keyword-only parameters of the same names (replaced by these
+    declarations); typer reads the signature."""
+    names = {p.name for p in [*before, *after]}
+
+    def decorate(command):
+        P = inspect.Parameter
+        params = list(inspect.signature(command).parameters.values())
+        head = [p for p in params if p.annotation in (typer.Context, "typer.Context")]
+        own = [p.replace(kind=P.KEYWORD_ONLY) for p in params
+               if p not in head and p.name not in names and p.kind is not P.VAR_KEYWORD]
+        command.__signature__ = inspect.Signature([*head, *before, *own, *after])
+        return command
+    return decorate
 
 
 def budget_label(model: dict) -> str:

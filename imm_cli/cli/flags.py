@@ -83,17 +83,4 @@ def option(flag: str, default=None, note: str = "", listed: bool = False) -> ins
     return inspect.Parameter(flag, inspect.Parameter.KEYWORD_ONLY, default=declared, annotation=kind)
 
 
-def with_flags(flags: list[inspect.Parameter]):
-    """Put these flag declarations into a command's signature (after a typer.Context, before its own
-    options); the command takes them as **flags. typer reads the signature."""
-    def decorate(command):
-        P = inspect.Parameter
-        params = list(inspect.signature(command).parameters.values())
-        head = [p for p in params if p.annotation in (typer.Context, "typer.Context")]
-        own = [p.replace(kind=P.KEYWORD_ONLY) for p in params if p not in head and p.kind is not P.VAR_KEYWORD]
-        command.__signature__ = inspect.Signature([*head, *flags, *own])
-        return command
-    return decorate
-
-
 TRAIN_FLAGS = [option(flag, note=TRAIN_NOTES.get(flag, "")) for flag in HELP]  # `imm train`: every flag (tests hold HELP to config.FLAGS), in HELP's order

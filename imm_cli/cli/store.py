@@ -16,7 +16,7 @@ from rich.table import Table
 from imm_cli import runs
 from imm_cli.errors import InputError
 from imm_cli.cli.common import (_clean, check_out_folder, check_outputs, check_seed, console, fmt, handle_errors, holding,
-                                mark_outputs, print_json, safe)
+                                mark_outputs, print_json, safe, with_options)
 
 STORE_JSON = "store.json"
 USAGE_JSON = "usage.json"
@@ -39,27 +39,24 @@ MEMORY_SIZE_HELP = ("The memory's budget in entries, instead of the run's (--mem
 FACTS_HELP = "Facts file, one per line; the cue is the first two words (e.g. examples/facts.txt)."
 
 
-def with_fact_options(command):
-    """recall's and needle's shared options, declared once: --run and --facts first, then the
-    command's own options, then --out, --device, --knn-lm, --knn-exact, --memory-size, --force and
-    --json. The command takes them as keyword-only parameters of the same names, the inference
-    overrides (--knn-lm, --knn-exact, --memory-size) as **inference; typer reads this signature."""
-    P = inspect.Parameter
-    first = [("run", Path, typer.Option(..., help="Run folder made by `imm train` (with memory).")),
-             ("facts", Path, typer.Option(..., help=FACTS_HELP))]
-    last = [("out", Optional[Path], typer.Option(None, help="Folder for the JSON result and the plots [default: the run folder].")),
-            ("device", str, typer.Option("cpu", help="cpu, cuda, mps or auto.")),
-            ("knn_lm", Optional[float], typer.Option(None, "--knn-lm", help=KNN_LM_HELP)),
-            ("knn_exact", Optional[float], typer.Option(None, "--knn-exact", help=KNN_EXACT_HELP)),
-            ("memory_size", Optional[int], typer.Option(None, "--memory-size", help=MEMORY_SIZE_HELP)),
-            ("force", bool, typer.Option(False, "--force", help=FORCE_HELP)),
-            ("json_out", bool, typer.Option(False, "--json", help="Print one JSON document on stdout."))]
-    shared = {name for name, _, _ in first + last}
-    own = [p.replace(kind=P.KEYWORD_ONLY) for p in inspect.signature(command).parameters.values()
-           if p.name not in shared and p.kind is not P.VAR_KEYWORD]
-    declare = lambda specs: [P(name, P.KEYWORD_ONLY, default=opt, annotation=kind) for name, kind, opt in specs]  # noqa: E731
-    command.__signature__ = inspect.Signature([*declare(first), *own, *declare(last)])
-    return command
+def _declare(specs: list[tuple]) -> list[inspect.Parameter]:
+    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=opt, annotation=kind) for name, kind, opt in specs]
+
+
+# recall's and needle's shared options, declared once: --run and --facts first, then the command's
+# own options, then --out, --device, --knn-lm, --knn-exact, --memory-size, --force and --json. The
+# command takes them as keyword-only parameters of the same names, the inference overrides
+# (--knn-lm, --knn-exact, --memory-size) as **inference.
+with_fact_options = with_options(
+    _declare([("run", Path, typer.Option(..., help="Run folder made by `imm train` (with memory).")),
+              ("facts", Path, typer.Option(..., help=FACTS_HELP))]),
+    _declare([("out", Optional[Path], typer.Option(None, help="Folder for the JSON result and the plots [default: the run folder].")),
+              ("device", str, typer.Option("cpu", help="cpu, cuda, mps or auto.")),
+              ("knn_lm", Optional[float], typer.Option(None, "--knn-lm", help=KNN_LM_HELP)),
+              ("knn_exact", Optional[float], typer.Option(None, "--knn-exact", help=KNN_EXACT_HELP)),
+              ("memory_size", Optional[int], typer.Option(None, "--memory-size", help=MEMORY_SIZE_HELP)),
+              ("force", bool, typer.Option(False, "--force", help=FORCE_HELP)),
+              ("json_out", bool, typer.Option(False, "--json", help="Print one JSON document on stdout."))]))
 
 
 # --- shared by store and usage ---------------------------------------------------------------------

@@ -11,8 +11,8 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from imm_cli.cli.common import (check_out_folder, check_outputs, check_seed, console, fmt, handle_errors, mark_outputs,
-                                parse_list, print_json, safe, started_on_demand)
-from imm_cli.cli.flags import option, with_flags
+                                parse_list, print_json, safe, started_on_demand, with_options)
+from imm_cli.cli.flags import option
 from imm_cli.errors import InputError
 from imm_cli.experiments.sweep import FIGURES, JSONL, PLOT, SETTINGS, SweepSettings, label, run_sweep, varying
 
@@ -43,7 +43,7 @@ SWEEP_FLAGS = [
 
 
 @handle_errors
-@with_flags(SWEEP_FLAGS)
+@with_options(SWEEP_FLAGS)
 def sweep(
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:N or mps, for training and the needle test."),
     facts: Optional[Path] = typer.Option(None, help="Facts for the needle figures [default: examples/facts.txt when it exists]."),

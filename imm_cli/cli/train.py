@@ -13,14 +13,14 @@ from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, T
 from rich.table import Table
 
 from imm_cli import runs
-from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json, started_on_demand
-from imm_cli.cli.flags import TRAIN_FLAGS, with_flags
+from imm_cli.cli.common import check_out_folder, console, fmt, handle_errors, print_json, started_on_demand, with_options
+from imm_cli.cli.flags import TRAIN_FLAGS
 from imm_cli.config import FLAGS, RESUMABLE_FLAGS, ModelConfig, configs_from_flags, flag_values, to_dict
 from imm_cli.errors import InputError
 
 
 @handle_errors
-@with_flags(TRAIN_FLAGS)
+@with_options(TRAIN_FLAGS)
 def train(
     ctx: typer.Context,
     out: Optional[Path] = typer.Option(None, help="Run folder to create [default: runs/<memory>-s<slots>]."),

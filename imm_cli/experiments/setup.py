@@ -14,7 +14,6 @@ from imm_cli.facts import Fact, load_facts
 from imm_cli.model import GPT
 
 
-
 def open_run(run: Path, device: str = "cpu") -> tuple[GPT, dict, np.ndarray]:
     """(model in eval mode, config dict, validation bytes of the corpus the run was trained on)."""
     from imm_cli.train import resolve_device

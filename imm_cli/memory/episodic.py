@@ -292,7 +292,7 @@ class EpisodicMemory(Memory):
         if torch.is_grad_enabled():
             return project()
         # a load or an in-place edit bumps a weight's _version; a fused optimizer step does not, so
-        # train() drops the table too (weights change while training, see train below)
+        # train() drops the table too (weights change while training, see train())
         key = tuple((w.data_ptr(), w._version) for w in [self.value_emb.weight] + [out.weight for out in outs])
         if self._kept_table is None or self._kept_table[0] != key:
             self._kept_table = (key, project())
