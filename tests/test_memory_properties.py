@@ -83,9 +83,9 @@ def equal(a: dict, b: dict) -> bool:
 
 
 def check_finite_and_normalised(mem, state: dict) -> None:
-    for name, v in state.items():  # -inf is allowed only as the episodic memory's "empty entry" score
+    for name, v in state.items():  # -inf only as the episodic memory's "empty entry" score and "no byte yet" loss
         if v.is_floating_point():
-            ok = ~torch.isnan(v) & ~torch.isposinf(v) if name == "score" else torch.isfinite(v)
+            ok = ~torch.isnan(v) & ~torch.isposinf(v) if name in ("score", "before") else torch.isfinite(v)
             assert ok.all(), name
     if mem.cfg.kind == "linformer":
         slots = state["slots"]

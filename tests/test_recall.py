@@ -29,9 +29,9 @@ def segment(text: str, prev: str = "") -> Segment:
     return Segment(ids=x, prev=ids(prev) if prev else x[:, :0], targets=targets)
 
 
-def memory(slots: int = 2, local: bool = False, size: int = 64, decay: float = 1.0) -> EpisodicMemory:
+def memory(slots: int = 2, local: bool = False, size: int = 64, decay: float = 1.0, span: int = 64) -> EpisodicMemory:
     torch.manual_seed(0)
-    mem = EpisodicMemory(MemoryConfig(slots=slots, key_bytes=4, key_dim=64, local=local, size=size, decay=decay),
+    mem = EpisodicMemory(MemoryConfig(slots=slots, key_bytes=4, key_dim=64, local=local, size=size, decay=decay, span=span),
                          n_embd=16, block_size=16)
     mem.post_init()
     return mem
@@ -86,8 +86,9 @@ def test_frozen_memory_keeps_its_state():
 
 def test_retention_keeps_the_most_surprising_entries_whatever_their_age():
     """Budget 16 entries: an old surprising text survives two later unsurprising ones, which
-    compete among themselves; a later more surprising text displaces the weakest entries."""
-    mem = memory(size=16)
+    compete among themselves; a later more surprising text displaces the weakest entries. (Each
+    byte scored by its own loss: a span would mix each text's loss with the one written before it.)"""
+    mem = memory(size=16, span=1)
     state = mem.init_state(1)
     state = write(mem, state, "Aaaa bbbb 1111.", surprise=5.0)  # 14 known next bytes, all kept
     state = write(mem, state, "Cccc dddd 2222.", surprise=1.0)  # 2 free entries: 2 of these
@@ -119,8 +120,29 @@ def test_trailing_span_keeps_a_runs_last_bytes():
     assert torch.equal(scores[True][:16], scores[False][:16])  # before the run nothing changes
 
 
+def test_span_runs_across_segment_boundaries():
+    """A text written in two segments scores the second segment's bytes exactly as the same text
+    written whole: the state carries the loss of the bytes before (a span used to stop at the
+    segment's edge and repeat the edge byte instead)."""
+    torch.manual_seed(1)
+    mem = EpisodicMemory(MemoryConfig(slots=2, span=16, key_bytes=4), n_embd=16, block_size=96)
+    text = torch.randint(0, 256, (1, 97))
+    surprise = torch.rand(1, 96) * 4
+    surprise[0, 40:56] = 6.0  # a surprising run across the boundary at 48
+    whole = mem.retention_score(surprise)
+
+    def seg(lo: int, hi: int) -> Segment:
+        return Segment(ids=text[:, lo:hi], prev=text[:, :lo], targets=text[:, lo + 1:hi + 1])
+
+    state = mem.write(torch.zeros(1, 48, 16), seg(0, 48), mem.init_state(1), surprise[:, :48])
+    second = mem.retention_score(surprise[:, 48:], state["before"])
+    assert torch.allclose(second, whole[:, 48:])
+    assert torch.isinf(mem.init_state(1)["before"]).all()  # an episode's first segment has nothing before it
+    assert not torch.allclose(mem.retention_score(surprise[:, 48:]), whole[:, 48:])  # cut at the edge, it differs
+
+
 def test_decay_below_one_lets_age_evict():
-    mem = memory(size=16, decay=0.5)
+    mem = memory(size=16, decay=0.5, span=1)
     state = write(mem, mem.init_state(1), "Aaaa bbbb 1111.", surprise=5.0)
     state = write(mem, state, "Cccc dddd 2222.", surprise=3.0)  # 5 x 0.5 = 2.5 < 3: the old text goes
     assert recalled(mem, state, "xx Cccc d")[0] == ord("d")
