@@ -109,7 +109,7 @@ def test_trailing_span_keeps_a_runs_last_bytes():
     from imm_cli.config import MemoryConfig
     from imm_cli.memory.episodic import EpisodicMemory
 
-    surprise = torch.full((1, 96), 0.5)  # easy text (p ~ 0.6: not exempted, loss above ln 4/3)
+    surprise = torch.full((1, 96), 0.5)  # easy text (p ~ 0.6: not exempted, loss above SURE)
     surprise[0, 16:48] = 3.0  # a 32-byte surprising run
     scores = {trail: EpisodicMemory(MemoryConfig(span=16, trail=trail), n_embd=16).retention_score(surprise)[0]
               for trail in (False, True)}
@@ -118,6 +118,19 @@ def test_trailing_span_keeps_a_runs_last_bytes():
     assert scores[False][last] < scores[False][32] - 1.0  # centred: the tail sinks
     assert scores[True][last] == pytest.approx(3.0, abs=0.2)  # trailing: it keeps the run's score
     assert torch.equal(scores[True][:16], scores[False][:16])  # before the run nothing changes
+
+
+def test_only_a_byte_the_model_was_sure_of_keeps_its_own_loss():
+    """Inside a surprising run, a byte predicted with p = 0.99 keeps its own low loss (the model
+    produces it without an entry), but one predicted with p = 0.9 ranks with its run: recalled
+    through a read of other entries, such a byte is often missed (measured, module docstring)."""
+    from imm_cli.memory.episodic import SURE
+    mem = EpisodicMemory(MemoryConfig(span=16), n_embd=16)
+    surprise = torch.full((1, 64), 3.0)
+    surprise[0, 30], surprise[0, 34] = -math.log(0.99), -math.log(0.9)
+    score = mem.retention_score(surprise)[0]
+    assert score[30] == pytest.approx(-math.log(0.99)) and -math.log(0.99) < SURE < -math.log(0.9)
+    assert score[34] > 2.5
 
 
 def test_span_runs_across_segment_boundaries():

@@ -6,15 +6,16 @@ to `entries` of its positions (all by default), most surprising first:
   value = the byte that followed position i (stored as its id, read through a learned embedding);
   score = how surprising the span around position i was when it was written: the mean of the
           model's per-byte loss over i and the span // 2 positions on each side, for
-          a byte the model was not sure of (p <= 3/4, loss >= ln 4/3); a byte it predicted with
-          p > 3/4 keeps its own, low, loss: it needs no entry, the model produces it itself.
+          a byte the model was not sure of (p <= 0.97); a byte it predicted with p > 0.97
+          keeps its own, low, loss: it needs no entry, the model produces it itself.
           With `trail` (the default), the higher of that centred mean and the mean over the `span`
           bytes up to and including i: a fact's last bytes have the easy text after the fact in
           half of their centred span, and were the ones let go (measured on 64 facts in 32 KB,
           three document draws x two trainings: 0.55 exact match centred, 0.63 with `trail`).
-          (p > 1/2 exempted too much: recalled from another context, a byte the model was fairly
-          sure of at writing is often missed; measured on 64 facts in 32 KB, 16,384 entries:
-          0.34 exact match exempting p > 1/2, 0.55 exempting p > 3/4, 0.45 exempting nothing.)
+          (Exempting more costs facts: recalled from another context, a byte the model was
+          fairly sure of at writing is often missed, the read of other entries pulling it away.
+          Measured on 64 facts in 32 KB, 16,384 entries, three draws x two trainings, with spans
+          across segments: 0.75 exempting p > 3/4, 0.80 p > 0.9, 0.82 p > 0.97, 0.79 nothing.)
           A span runs across segment boundaries as the text does: the state carries the loss of
           the last span - 1 bytes written, and a mean leaves out bytes not yet written. (It used
           to stop at the segment's edge and repeat the edge byte in their place, which weighed one
@@ -66,7 +67,7 @@ from torch import Tensor, nn
 from imm_cli.config import MemoryConfig
 from imm_cli.memory.base import PAD, Memory, Segment, State
 
-SURE = math.log(4 / 3)  # a byte predicted with p > 3/4 (loss below this) is scored by its own loss
+SURE = -math.log(0.97)  # a byte predicted with p > 0.97 (loss below this) is scored by its own loss
 GATHER_K = 32  # up to this many stored entries per query, their values are gathered; beyond, summed per byte id
 READ_CHUNK = 8192  # stored entries scored per matmul when taking the top-k (bounds memory at 65K entries)
 UNSEEN = -1e9  # the cosine an unseen entry reads as: times any scale above 1e-7 its softmax weight is exactly 0
