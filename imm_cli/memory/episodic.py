@@ -134,9 +134,17 @@ class EpisodicMemory(Memory):
         """(b n dk) unit vectors: the n-gram of the `key_bytes` bytes ending at each position."""
         return self._ngram(seg.ids, seg.prev)
 
-    def _ngram(self, ids: Tensor, prev: Tensor, few_read: "_ReadRows | None" = None) -> Tensor:
-        """few_read: most of these keys will get no gradient (gap text: only its chosen entries do);
-        the caller fills it with the rows that do before the backward runs."""
+    def _ngram(self, ids: Tensor, prev: Tensor) -> Tensor:
+        table, idx = self._ngram_rows(ids, prev)
+        b, n = ids.shape
+        if torch.is_grad_enabled() and table.requires_grad:
+            return _NGramKey.apply(table, idx).view(b, n, -1)
+        # generation, and choosing entries: no autograd.Function overhead
+        return F.normalize(F.embedding_bag(idx, table, mode="sum"), dim=-1).view(b, n, -1)
+
+    def _ngram_rows(self, ids: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
+        """The flat key table (K*257 dk) and, per position of ids (b n), the K rows whose sum is its
+        n-gram embedding (b*n K): the `key_bytes` bytes ending there, offset 0 the current byte."""
         K = self.cfg.key_bytes
         b, n = ids.shape
         prev = prev[:, -(K - 1):] if K > 1 else prev[:, :0]
@@ -146,12 +154,8 @@ class EpisodicMemory(Memory):
         stream = torch.cat(parts, dim=1)  # (b, n + K - 1)
         windows = stream.unfold(1, K, 1).flip(-1)  # (b n K): offset 0 = the current byte
         offsets = torch.arange(K, device=stream.device) * (PAD + 1)  # row of (offset, byte) in the flat table
-        # sum over the K offsets of key_emb[offset, byte], as one embedding bag (no (b n K dk) tensor)
-        table, idx = self.key_emb.reshape(K * (PAD + 1), -1), (windows + offsets).reshape(b * n, K)
-        if torch.is_grad_enabled() and table.requires_grad:
-            return _NGramKey.apply(table, idx, few_read).view(b, n, -1)
-        # generation: no autograd.Function overhead per byte
-        return F.normalize(F.embedding_bag(idx, table, mode="sum"), dim=-1).view(b, n, -1)
+        # a sum over the K offsets of key_emb[offset, byte] is one embedding bag (no (b n K dk) tensor)
+        return self.key_emb.reshape(K * (PAD + 1), -1), (windows + offsets).reshape(b * n, K)
 
     # --- state ---------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:
@@ -425,8 +429,16 @@ class EpisodicMemory(Memory):
         ids, targets = stream.ids, stream.targets
         b, L = ids.shape
         S, k = len(starts), min(self.cfg.topk, max(starts)) if self.cfg.topk else max(starts)
-        read_rows = _ReadRows() if L > S * n else None  # gap text: few of its keys get a gradient
-        kw = self._ngram(ids, stream.prev, few_read=read_rows)  # (b L dk): every position's context within its episode
+        # gap text: its keys are candidates, of which each query reads a few; then the keys are
+        # computed without autograd, and again with it only for the rows read (every query's, every
+        # chosen entry's), which spares a dense (b L dk) gradient (zero-filled, summed, scanned)
+        few = k > 0 and bool(self.cfg.topk) and L > S * n and torch.is_grad_enabled() and self.key_emb.requires_grad
+        if few:
+            key_table, key_rows = self._ngram_rows(ids, stream.prev)
+            with torch.no_grad():
+                kw = F.normalize(F.embedding_bag(key_rows, key_table, mode="sum"), dim=-1).view(b, L, -1)
+        else:
+            kw = self._ngram(ids, stream.prev)  # (b L dk): every position's context within its episode
         bytes_ = targets.masked_fill(targets < 0, PAD)
         pos = torch.tensor([lo + j for lo in starts for j in range(n)], device=ids.device)  # (S*n)
         q = kw.index_select(1, pos)  # (b S*n dk)
@@ -451,11 +463,19 @@ class EpisodicMemory(Memory):
                     _prefix_topk(q[:, lead * n:(S - 1) * n], kw, unknown, starts[lead:-1], n, k),
                     _prefix_topk(q[:, (S - 1) * n:], kw, unknown, starts[-1:], n, k)]
             s, i = torch.cat([c for c, _ in best], 1), torch.cat([j for _, j in best], 1)  # (b S*n k)
-            if read_rows is not None:  # the keys that get a gradient: every query's, every chosen entry's
+            if few:  # the rows read, and each stream position's place among them
                 mark = torch.zeros(b, L, dtype=torch.bool, device=ids.device)
                 mark[:, pos] = True
-                read_rows.index = mark.scatter_(1, i.flatten(1), True).flatten().nonzero().squeeze(1)
-        cos = _chosen_cosines(q, kw, s, i)
+                rows = mark.scatter_(1, i.flatten(1), True).flatten().nonzero().squeeze(1)  # (R) of b*L
+                place = torch.full((b * L,), -1, dtype=torch.long, device=ids.device)
+                place[rows] = torch.arange(rows.numel(), device=ids.device)
+        if few:
+            keys = _NGramKey.apply(key_table, key_rows.index_select(0, rows))  # (R dk), with autograd
+            offset = L * torch.arange(b, device=ids.device)
+            q = _rows(keys, place[pos + offset[:, None]])  # (b S*n dk)
+            cos = _cosines_at(q, keys, place[i + offset[:, None, None]], s)
+        else:
+            cos = _chosen_cosines(q, kw, s, i)
         st_ids = bytes_.gather(1, i.flatten(1)).view_as(i)
         per_seg = lambda t: t.reshape(b * S, n, *t.shape[2:])  # noqa: E731  (b S*n ...) -> (b*S n ...)
         win_bytes = ids.index_select(1, pos)
@@ -578,7 +598,12 @@ def _chosen_cosines(q: Tensor, keys: Tensor, best: Tensor, idx: Tensor) -> Tenso
     """(b n k) the cosines of queries q (b n dk) with the keys (b M dk) at idx (b n k), with autograd
     (-inf where the selection found nothing: `best` is -inf)."""
     b, M, _ = keys.shape
-    chosen = _rows(keys.flatten(0, 1), idx + M * torch.arange(b, device=idx.device)[:, None, None])  # (b n k dk)
+    return _cosines_at(q, keys.flatten(0, 1), idx + M * torch.arange(b, device=idx.device)[:, None, None], best)
+
+
+def _cosines_at(q: Tensor, keys: Tensor, rows: Tensor, best: Tensor) -> Tensor:
+    """(b n k) the cosines of queries q (b n dk) with the rows (b n k) of a flat key table keys (R dk)."""
+    chosen = _rows(keys, rows)  # (b n k dk)
     # broadcast multiply and sum, not einsum: einsum's backward is a batched matmul of tiny (dk x 1)
     # by (1 x k) outer products (the whole read measured about 6% faster this way)
     return (q[:, :, None] * chosen).sum(-1).masked_fill(torch.isneginf(best), -math.inf)
@@ -629,14 +654,6 @@ def _read_softmax(cos: Tensor, scales: Tensor, nulls: Tensor) -> Tensor:
     return torch.softmax(torch.cat([logits, null], dim=-1), dim=-1)[..., :-1]
 
 
-class _ReadRows:
-    """The rows of a (b L) n-gram key stream that carry a gradient, as flat indices: filled by
-    read_episode once its top-k is chosen (every query position, every chosen entry), read by the
-    keys' backward, which then adds only those (None: found from the gradient, a full scan)."""
-
-    index: Tensor | None = None
-
-
 class _NGramKey(torch.autograd.Function):
     """F.normalize(F.embedding_bag(idx, table, mode="sum")): unit n-gram keys, with a lean backward.
 
@@ -646,26 +663,22 @@ class _NGramKey(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, table: Tensor, idx: Tensor, few_read: _ReadRows | None = None) -> Tensor:
+    def forward(ctx, table: Tensor, idx: Tensor) -> Tensor:
         emb = F.embedding_bag(idx, table, mode="sum")
         norm = emb.norm(dim=-1, keepdim=True).clamp_min(1e-12)  # as F.normalize
         unit = emb / norm
         ctx.save_for_backward(idx, unit, norm)
-        ctx.rows, ctx.few_read = table.shape[0], few_read
+        ctx.rows = table.shape[0]
         return unit
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         idx, unit, norm = ctx.saved_tensors
-        if ctx.few_read is not None:  # only the keys that were read carry a gradient: add only those
-            rows = ctx.few_read.index
-            if rows is None:
-                rows = grad.ne(0).any(-1).nonzero().squeeze(1)
-            idx, unit, norm, grad = idx[rows], unit[rows], norm[rows], grad[rows]
         grad = (grad - unit * (grad * unit).sum(-1, keepdim=True)) / norm  # through x / |x|
         out = grad.new_zeros(ctx.rows, grad.shape[1])
         # one offset at a time: consecutive adds land in one offset's 257-row block, and the
-        # gradient is not copied K times (measured ~2x faster than position-major order)
-        for t in range(idx.shape[1]):
-            out.index_add_(0, idx[:, t], grad)
-        return out, None, None
+        # gradient is not copied K times (measured ~2x faster than position-major order); each
+        # offset's indices contiguous, or index_add_ copies a strided column per call
+        for rows in idx.t().contiguous():
+            out.index_add_(0, rows, grad)
+        return out, None
