@@ -20,6 +20,7 @@ MEMORIES = {
     "linformer": "imm_cli.memory.linformer:LinformerMemory",
     "knn": "imm_cli.memory.knn:KNNMemory",
     "delta": "imm_cli.memory.delta:DeltaMemory",
+    "titans": "imm_cli.memory.titans:TitansMemory",
 }
 MEMORY_KINDS = tuple(MEMORIES)
 BUDGETED = ("episodic", "knn")  # the memories whose size is a budget in entries (--memory-size)
@@ -38,7 +39,7 @@ def check_knn_lm(weight: float, flag: str = "--memory-knn-lm") -> None:
 
 @dataclass(frozen=True)
 class MemoryConfig:
-    kind: str = "episodic"  # one of MEMORY_KINDS: episodic, linformer (the notes'), knn (Memorizing Transformers), delta (fast weights)
+    kind: str = "episodic"  # one of MEMORY_KINDS: episodic, linformer (the notes'), knn (Memorizing Transformers), delta (fast weights), titans (neural memory)
     slots: int = 8  # S memory slots per memory layer; 0 = no memory at all (the baseline model)
     layer: int = -2  # which block hosts the memory (negative counts from the end: -2 = third of four)
     temp: float | None = None  # read temperature of the cosine attention; None = 0.8 linformer, 0.05 episodic and knn (learned from there)
@@ -50,8 +51,8 @@ class MemoryConfig:
     trail: bool = True  # episodic: a byte also scores the mean surprise of the span of bytes up to it, when higher (a fact's last bytes keep its run's score)
     entries: int = 0  # episodic: positions one write offers at most, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
-    key_dim: int = 64  # episodic, knn, delta: width of keys and queries (knn: over all its heads)
-    value_dim: int = 0  # episodic, knn, delta: width of a stored value before the output projection; 0 = n_embd (a byte needs few dims)
+    key_dim: int = 64  # episodic, knn, delta, titans: width of keys and queries (knn: over all its heads; titans: its MLP is twice as wide)
+    value_dim: int = 0  # episodic, knn, delta, titans: width of a stored value before the output projection; 0 = n_embd (a byte needs few dims)
     sharp: float = 48.0  # episodic: fixed 1/temperature of a second read of the same entries, for near-exact contexts (0 = none)
     keep: float = 0.0  # episodic: weight (nats) of a learned keep score added to an entry's retention score; 0 = surprise alone
     copy: bool = False  # episodic: mix the sharp read's next-byte distribution into the output, its weight learned (kNN-LM); measured worse, off

@@ -1,8 +1,10 @@
-"""The two memories from the literature on hand-made inputs: each does what its paper's equation says.
+"""The memories from the literature on hand-made inputs: each does what its paper's equation says.
 
 - delta (Schlag et al. 2021; DeltaNet, Yang et al. 2024): W_t = W_{t-1} + beta_t (v_t - W_{t-1} k_t) k_t^T;
-- knn (Memorizing Transformers, Wu et al. 2022): per-position keys/values, top-k read, FIFO budget.
-The interface properties (frozen, reset, fresh reads zero, slot order, ...) of both run in
+- knn (Memorizing Transformers, Wu et al. 2022): per-position keys/values, top-k read, FIFO budget;
+- titans (Behrouz et al. 2024): an MLP trained at inference, S_t = eta_t S_{t-1} - theta_t grad,
+  M_t = (1 - alpha_t) M_{t-1} + S_t.
+The interface properties (frozen, reset, fresh reads zero, slot order, ...) of all of them run in
 tests/test_memory_properties.py and tests/test_core.py with every other registered kind.
 """
 
@@ -17,6 +19,7 @@ from imm_cli.config import MemoryConfig
 from imm_cli.memory import KINDS, Segment, build_memory
 from imm_cli.memory.delta import DeltaMemory, delta_write, delta_write_loop
 from imm_cli.memory.knn import KNNMemory
+from imm_cli.memory.titans import TitansMemory, mlp, titans_write, titans_write_loop
 
 
 def seg(b: int, n: int) -> Segment:
@@ -29,8 +32,8 @@ def identity(linear: nn.Linear) -> None:
         linear.weight.copy_(torch.eye(*linear.weight.shape))
 
 
-def test_both_are_registered():
-    assert KINDS["knn"] is KNNMemory and KINDS["delta"] is DeltaMemory
+def test_all_are_registered():
+    assert KINDS["knn"] is KNNMemory and KINDS["delta"] is DeltaMemory and KINDS["titans"] is TitansMemory
 
 
 # --- delta ---------------------------------------------------------------------------------------
@@ -195,7 +198,7 @@ def test_knn_partly_filled_memory_ignores_empty_entries_and_observes_per_slot():
     assert torch.allclose(vecs[0, 0], h[0].mean(0), atol=1e-6) and torch.equal(vecs[0, 1:], torch.zeros(3, 8))
 
 
-@pytest.mark.parametrize("kind", ["knn", "delta"])
+@pytest.mark.parametrize("kind", ["knn", "delta", "titans"])
 def test_a_tiny_gpt_trains_through_the_memory(kind):
     """Loss and gradients through an episode of 3 segments in the GPT (the loop carries the state)."""
     from imm_cli.config import ModelConfig
@@ -209,3 +212,71 @@ def test_a_tiny_gpt_trains_through_the_memory(kind):
     assert out.logits.shape == (2, 3, 16, 256) and torch.isfinite(out.loss)
     out.loss.backward()
     assert model.memory.q.weight.grad.abs().sum() > 0  # the later segments' reads reach the query
+
+
+# --- titans --------------------------------------------------------------------------------------
+def titans_state(b: int = 2, dk: int = 4, dh: int = 8, dv: int = 5, seed: int = 0) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    r = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    return {"W1": r(b, dh, dk), "W2": r(b, dh, dv) * 0.3, "S1": r(b, dh, dk) * 0.1, "S2": r(b, dh, dv) * 0.1}
+
+
+@pytest.mark.parametrize("n", [1, 7, 32])
+def test_titans_chunk_form_equals_the_sequential_recurrence(n):
+    """The one-step write (gradients in closed form, momentum and decay unrolled) against the
+    position-by-position recurrence whose gradients autograd takes."""
+    torch.manual_seed(n)
+    state = titans_state()
+    k, v = F.normalize(torch.randn(2, n, 4), dim=-1), torch.randn(2, n, 5)
+    theta, log_eta, log_keep = torch.rand(2, n), -2 * torch.rand(2, n), -0.2 * torch.rand(2, n)
+    fast, slow = titans_write(state, k, v, theta, log_eta, log_keep), titans_write_loop(state, k, v, theta, log_eta, log_keep)
+    for name in state:
+        torch.testing.assert_close(fast[name], slow[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_titans_write_moves_the_memory_towards_the_value_and_forgets_by_alpha():
+    state = titans_state(b=1)
+    k, v = F.normalize(torch.randn(1, 1, 4), dim=-1), torch.randn(1, 1, 5)
+    before = (mlp(state["W1"], state["W2"], k) - v).norm()
+    keep_all = torch.zeros(1, 1)
+    after = titans_write(state, k, v, torch.ones(1, 1), torch.full((1, 1), -30.0), keep_all)  # no momentum carried
+    assert (mlp(after["W1"], after["W2"], k) - v).norm() < before  # one gradient step on |M(k) - v|^2
+    # theta = 0 (no step), eta -> 0 (old momentum dropped): the weights only decay, by exactly 1 - alpha
+    still = titans_write(state, k, v, torch.zeros(1, 1), torch.full((1, 1), -30.0), torch.full((1, 1), -0.5))
+    torch.testing.assert_close(still["W2"], state["W2"] * torch.exp(torch.tensor(-0.5)) + state["S2"] * torch.exp(torch.tensor(-0.5 - 30.0)))
+
+
+def test_titans_memory_fresh_reads_zero_and_gradients_flow_through_writes():
+    mem = build_memory(MemoryConfig(kind="titans", slots=2, key_dim=4), 8)
+    mem.post_init()
+    h = torch.randn(2, 5, 8, requires_grad=True)
+    assert torch.equal(mem.read(h, seg(2, 5), mem.init_state(2)), torch.zeros(2, 5, 8))
+    state = mem.write(h, seg(2, 5), mem.init_state(2), torch.zeros(2, 5))
+    mem.read(torch.randn(2, 3, 8), seg(2, 3), state).sum().backward()
+    assert h.grad is not None and h.grad.abs().sum() > 0  # the read depends on what was written
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (mem.k.weight, mem.v.weight, mem.rates.weight, mem.w1_init))
+
+
+def test_titans_stays_bounded_over_many_writes_at_any_input_scale():
+    """Normalised steps: a hundred writes of large hidden states leave the weights finite and small."""
+    torch.manual_seed(0)
+    mem = build_memory(MemoryConfig(kind="titans", slots=2, key_dim=8), 16)
+    mem.post_init()
+    with torch.no_grad():
+        state = mem.init_state(2)
+        for _ in range(100):
+            state = mem.write(torch.randn(2, 32, 16) * 30, seg(2, 32), state, torch.zeros(2, 32))
+    assert all(torch.isfinite(t).all() for t in state.values())
+    assert state["W2"].abs().max() < 100
+
+
+def test_titans_hidden_units_are_its_interchangeable_slots():
+    """Permuting the MLP's hidden units in all four state tensors (axis 1) leaves every read unchanged."""
+    mem = build_memory(MemoryConfig(kind="titans", slots=3, key_dim=4), 8)
+    mem.post_init()
+    state = mem.write(torch.randn(1, 6, 8), seg(1, 6), mem.init_state(1), torch.zeros(1, 6))
+    perm = torch.randperm(8)
+    h = torch.randn(1, 4, 8)
+    torch.testing.assert_close(mem.read(h, seg(1, 4), {k: v[:, perm] for k, v in state.items()}), mem.read(h, seg(1, 4), state))
+    assert mem.slot_vectors(state).shape == (1, 3, 8)
+    assert not mem.slot_filled(mem.init_state(1)).any() and mem.slot_filled(state).all()

@@ -27,7 +27,8 @@ HELP: dict[str, str] = {
     "slots": "Memory slots per memory layer; 0 = the same GPT with no memory (the baseline).",
     "memory": "Memory kind: episodic (key/value entries that recall facts), linformer (the notes' pooled slots), "
               "knn (Memorizing Transformers: top-k over stored keys/values of hidden states, FIFO) "
-              "or delta (a fast-weight matrix written with the delta rule).",
+              "delta (a fast-weight matrix written with the delta rule) "
+              "or titans (an MLP whose weights are trained at inference: Titans' neural memory).",
     "layers": "Transformer blocks.",
     "heads": "Attention heads per block.",
     "embd": "Residual stream width.",
@@ -37,7 +38,7 @@ HELP: dict[str, str] = {
     "lr": "Peak learning rate (warmup, then cosine decay to lr/10).",
     "memory_lr": "Linformer memory: EMA rate of a write (notes' best 0.04).",
     "memory_norm": "Linformer memory: state normalisation, layer or l2.",
-    "memory_temp": "Read temperature of the cosine attention; unset: the kind's own (0.8 linformer, 0.05 episodic and knn, learned from there; delta has none).",
+    "memory_temp": "Read temperature of the cosine attention; unset: the kind's own (0.8 linformer, 0.05 episodic and knn, learned from there; delta and titans have none).",
     "memory_size": "Episodic and knn memories: the budget in entries (one per stored position); when full, episodic lets the least surprising entries go, knn the oldest.",
     "memory_topk": "Episodic and knn memories: stored entries each position reads, the best-matching ones; 0 = all for episodic (dilutes as the memory grows), 32 for knn (its paper's k).",
     "memory_span": "Episodic memory: retention scores a byte by the mean surprise of it and span//2 bytes on each side (1 = its own loss).",
@@ -51,8 +52,8 @@ HELP: dict[str, str] = {
     "memory_keep": "Episodic memory: weight (nats) of a learned keep score (trained on which entries later cues read) added to each entry's retention score; 0 = surprise alone, no keep head.",
     "memory_entries": "Episodic memory: positions one write offers at most, most surprising first; 0 = every position.",
     "memory_key_bytes": "Episodic memory: bytes of context that make a key.",
-    "memory_key_dim": "Episodic, knn and delta memories: width of keys and queries (knn: over all its heads).",
-    "memory_value_dim": "Episodic, knn and delta memories: width of a stored value before the output projection (episodic: a byte's); 0 = --embd.",
+    "memory_key_dim": "Episodic, knn, delta and titans memories: width of keys and queries (knn: over all its heads; titans: its MLP is twice as wide).",
+    "memory_value_dim": "Episodic, knn, delta and titans memories: width of a stored value before the output projection (episodic: a byte's); 0 = --embd.",
     "segments": "Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with].",
     "curriculum": "Share of episodes that are synthetic-fact recall episodes (memory models only).",
     "max_gap": "Half the steps, 1..max-gap unscored segments of text before each episode's last segment: recall across a gap (episodic memory; 0 = off).",

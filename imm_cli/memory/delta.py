@@ -68,6 +68,13 @@ def delta_write_loop(W: Tensor, k: Tensor, v: Tensor, beta: Tensor) -> Tensor:
     return W
 
 
+def probe_directions(S: int, dk: int, device=None) -> Tensor:
+    """(S dk) fixed probe directions of key space: a tight frame drawn once from PROBE_SEED."""
+    g = torch.Generator().manual_seed(PROBE_SEED)
+    Q, _ = torch.linalg.qr(torch.randn(max(S, dk), min(S, dk), generator=g))  # orthonormal columns
+    return (Q if S >= dk else Q.t()).to(device)
+
+
 class DeltaMemory(Memory):
     def __init__(self, cfg: MemoryConfig, n_embd: int, block_size: int = 128, bias: bool = False) -> None:
         super().__init__(cfg, n_embd)
@@ -100,11 +107,7 @@ class DeltaMemory(Memory):
 
     # --- what the experiments see --------------------------------------------------------------
     def probes(self, device=None) -> Tensor:
-        """(S dk) fixed probe directions of key space: a tight frame drawn once from PROBE_SEED."""
-        S, dk = self.cfg.slots, self.q.out_features
-        g = torch.Generator().manual_seed(PROBE_SEED)
-        Q, _ = torch.linalg.qr(torch.randn(max(S, dk), min(S, dk), generator=g))  # orthonormal columns
-        return (Q if S >= dk else Q.t()).to(device)
+        return probe_directions(self.cfg.slots, self.q.out_features, device)
 
     def slot_vectors(self, state: State) -> Tensor:
         """W_o W p_j for each probe direction p_j: what a read along p_j returns (zeros while W = 0)."""
