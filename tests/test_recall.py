@@ -332,6 +332,7 @@ def test_needle_command(tiny_runs, tmp_path):
             assert m in c and m + "_std" in c
         assert 0 <= c["exact_match"] <= 1 and 0 <= c["recall_at_1"] <= 1
     assert len(doc["facts"]) == 16 and set(doc["facts"][0]["conditions"]) == set(CONDITIONS)
+    assert doc["conditions"]["memory"]["facts"] == 16 and 0 < doc["conditions"]["in_context"]["facts"] <= 16
     assert {"cue", "expected"} <= set(doc["facts"][0])
     assert {"generated", "exact"} <= set(doc["facts"][0]["conditions"]["memory"])
     assert doc["heatmap"]["lengths"] == [256, 384] and len(doc["heatmap"]["exact_match"]) == 2
@@ -501,3 +502,18 @@ def test_haystacks_shorter_than_the_longest_fact_are_refused(tiny_runs, tmp_path
     r = runner.invoke(app, ["needle", "--run", str(tiny_runs["episodic"]), "--facts", str(facts), "--length", "64",
                             "--trials", "1", "--no-sweeps", "--out", str(tmp_path / "ok")])
     assert r.exit_code == 0, r.output
+
+
+def test_needle_table_says_how_many_facts_the_in_window_control_scored():
+    """Facts too long for the window beside their cue are left out of that control only: its row says so."""
+    from rich.console import Console
+
+    from imm_cli.cli.needle import _conditions_table
+
+    row = {m + s: 0.5 for m in METRICS for s in ("", "_std")}
+    conds = {c: {**row, "facts": 24} for c in CONDITIONS} | {"in_context": {**row, "facts": 3}}
+    console = Console(width=200, record=True)
+    console.print(_conditions_table("t", conds))
+    text = console.export_text()
+    assert "fact in window (upper bound), 3 of 24 facts" in text
+    assert "memory (fact written once)" in text and "of 24 facts" not in text.replace("3 of 24 facts", "")

@@ -89,9 +89,13 @@ def _conditions_table(title: str, conds: dict) -> Table:
     t = Table(title=title)
     for col in ("condition", "exact match", "char accuracy", "loss/byte", "recall@1"):
         t.add_column(col, justify="left" if col == "condition" else "right")
+    total = max((c or {}).get("facts", 0) for c in conds.values())
     for cond in CONDITIONS:
         c = conds[cond]
-        t.add_row(LABEL[cond], _pm(c, "exact_match"), _pm(c, "char_accuracy"), _pm(c, "loss_per_byte"), _pm(c, "recall_at_1"))
+        label = LABEL[cond]
+        if c is not None and 0 < c.get("facts", total) < total:  # the in-window control: only the facts that fit
+            label += f", {c['facts']} of {total} facts"
+        t.add_row(label, _pm(c, "exact_match"), _pm(c, "char_accuracy"), _pm(c, "loss_per_byte"), _pm(c, "recall_at_1"))
     return t
 
 

@@ -205,6 +205,7 @@ def _summarise(per_trial: list[dict]) -> dict[str, dict[str, float] | None]:
             vals = [float(np.mean(t[cond][key])) for t in per_trial]
             row[metric] = float(np.mean(vals))
             row[metric + "_std"] = float(np.std(vals))
+        row["facts"] = len(per_trial[0][cond]["exact"])  # facts scored (the in-window control: those that fit)
         res[cond] = row
     return res
 
