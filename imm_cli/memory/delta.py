@@ -75,6 +75,18 @@ def probe_directions(S: int, dk: int, device=None) -> Tensor:
     return (Q if S >= dk else Q.t()).to(device)
 
 
+def probed_read(mem: Memory, h: Tensor, written: Tensor, lookup) -> Tensor:
+    """The read of a memory whose state answers a query vector (DeltaMemory, TitansMemory):
+    q = W_q h / |W_q h|, then gate * W_o lookup(q). Observed, each query's energy along the fixed
+    probes, (q . p_j)^2, zero while `written` (b ...) is all zeros (nothing stored yet)."""
+    q = F.normalize(mem.q(h), dim=-1)  # (b n dk)
+    gate = torch.sigmoid(mem.gate(h))
+    if mem.observe:
+        filled = written.flatten(1).ne(0).any(1).float()[:, None, None]  # (b 1 1)
+        mem._record(read_attn=(q @ mem.probes(q.device).t()).square() * filled, gate=gate.squeeze(-1))
+    return gate * mem.out(lookup(q))
+
+
 class DeltaMemory(Memory):
     def __init__(self, cfg: MemoryConfig, n_embd: int, block_size: int = 128, bias: bool = False) -> None:
         super().__init__(cfg, n_embd)
@@ -90,13 +102,7 @@ class DeltaMemory(Memory):
         return {"W": torch.zeros(batch, 1, self.v.out_features, self.q.out_features, device=device)}
 
     def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
-        q = F.normalize(self.q(h), dim=-1)  # (b n dk)
-        o = q @ state["W"][:, 0].transpose(1, 2)  # (b n dv): W q per position
-        gate = torch.sigmoid(self.gate(h))
-        if self.observe:
-            filled = state["W"].flatten(1).ne(0).any(1).float()[:, None, None]  # (b 1 1)
-            self._record(read_attn=(q @ self.probes(q.device).t()).square() * filled, gate=gate.squeeze(-1))
-        return gate * self.out(o)
+        return probed_read(self, h, state["W"], lambda q: q @ state["W"][:, 0].transpose(1, 2))  # W q per position
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
         k = F.normalize(self.k(h), dim=-1)

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from imm_cli.config import MemoryConfig
 from imm_cli.memory.base import Memory, Segment, State
-from imm_cli.memory.delta import probe_directions
+from imm_cli.memory.delta import probe_directions, probed_read
 
 FLOOR = -60.0  # a decay or momentum weight below e^-60 (1e-26) counts as exactly 0
 
@@ -153,13 +153,7 @@ class TitansMemory(Memory):
         return {"W1": W1, "W2": W2, "S1": torch.zeros(batch, dh, dk, device=device), "S2": torch.zeros_like(W2)}
 
     def read(self, h: Tensor, seg: Segment, state: State) -> Tensor:
-        q = F.normalize(self.q(h), dim=-1)  # (b n dk)
-        y = mlp(state["W1"].to(q.dtype), state["W2"].to(q.dtype), q)  # (b n dv)
-        gate = torch.sigmoid(self.gate(h))
-        if self.observe:
-            filled = state["W2"].flatten(1).ne(0).any(1).float()[:, None, None]  # (b 1 1)
-            self._record(read_attn=(q @ self.probes(q.device).t()).square() * filled, gate=gate.squeeze(-1))
-        return gate * self.out(y)
+        return probed_read(self, h, state["W2"], lambda q: mlp(state["W1"].to(q.dtype), state["W2"].to(q.dtype), q))
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor) -> State:
         """`surprise` (the model's loss) is not used: Titans' surprise is the memory's own gradient."""
