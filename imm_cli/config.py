@@ -57,7 +57,7 @@ class MemoryConfig:
     keep: float = 0.0  # episodic: weight (nats) of a learned keep score added to an entry's retention score; 0 = surprise alone
     copy: bool = False  # episodic: mix the sharp read's next-byte distribution into the output, its weight learned (kNN-LM); measured worse, off
     knn_lm: float = 0.35  # episodic: at inference only, mix it in with this fixed weight instead (kNN-LM); 0 = off; 0.2 is validation loss's best by 0.0002, 0.35 recalls more facts (README)
-    knn_exact: float = 0.5  # episodic: the kNN-LM weight of stored entries whose context matches exactly (cosine >= 0.999) where above knn_lm (Drozdov et al. 2022: trust a retrieval by how well it matches); 0 = knn_lm for every entry
+    knn_exact: float = 0.6  # episodic: the kNN-LM weight of stored entries whose context matches exactly (cosine >= 0.999) where above knn_lm (Drozdov et al. 2022: trust a retrieval by how well it matches); 0 = knn_lm for every entry; 0.6 x the sharp read's confidence in one exact entry (0.95) outvotes any byte of the model's
     drop: float = 0.0  # episodic, training only: each stored entry is hidden from reads with this probability, as if retention had let it go
     local: bool = True  # episodic: positions also read the entries of earlier positions of their own segment
     decay: float = 1.0  # episodic: retention scores are multiplied by this at every write (< 1: older entries go first)
