@@ -6,16 +6,16 @@ The memory is a two-layer MLP, M(x) = W2^T gelu(W1 x), whose weights are the sta
 written position t (h_t the layer's hidden state):
 
   k_t = W_K h_t / |W_K h_t|,   v_t = W_V h_t                     (keys L2-normalised, as the paper)
-  loss      l(M; x_t) = 1/2 |M(k_t) - v_t|^2                     (eq. 12, halved)
-  surprise  S_t = eta_t S_{t-1} - theta_t grad l(M_{t-1}; x_t)    (eq. 14: past and momentary surprise)
-  forget    M_t = (1 - alpha_t) M_{t-1} + S_t                     (eq. 13: weight decay as forgetting)
-  theta_t, eta_t, alpha_t = sigmoid(w . h_t + b), one Linear each (data-dependent, as the paper)
+  loss      l(M; x_t) = 1/2 |M(k_t) - v_t|^2                     (halved)
+  surprise  S_t = eta_t S_{t-1} - theta_t grad l(M_{t-1}; x_t)    (past and momentary surprise)
+  forget    M_t = (1 - alpha_t) M_{t-1} + S_t                     (weight decay as forgetting)
+  theta_t, eta_t, alpha_t = sigmoid(w . h_t + b), an output each of one Linear (data-dependent, as the paper)
 
-Read (eq. 15, no weight update):  q = W_Q h / |W_Q h|,  y = M(q), added to the residual stream as
+Read (no weight update):  q = W_Q h / |W_Q h|,  y = M(q), added to the residual stream as
 read = sigmoid(w_g . h + b_g) * W_o y (the gate as the other memories': weight zero and bias
 --gate-bias at first, `post_init`).
 
-Chunks (the paper's section 3.2, its parallel form): within a chunk every gradient is taken at the
+Chunks (the paper's parallelisable training): within a chunk every gradient is taken at the
 chunk's first weights M_0 (mini-batch gradient descent), which has a closed form per position,
   e_t = M_0(k_t) - v_t,  z_t = W1 k_t:   dW2_t = gelu(z_t) e_t^T,   dW1_t = ((W2 e_t) * gelu'(z_t)) k_t^T,
 and unrolling both recurrences over the chunk's n positions gives its end as weighted sums of them:
