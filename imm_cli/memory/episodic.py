@@ -139,8 +139,7 @@ class EpisodicMemory(Memory):
         b, n = ids.shape
         if torch.is_grad_enabled() and table.requires_grad:
             return _NGramKey.apply(table, idx).view(b, n, -1)
-        # generation, and choosing entries: no autograd.Function overhead
-        return F.normalize(F.embedding_bag(idx, table, mode="sum"), dim=-1).view(b, n, -1)
+        return _unit_keys(table, idx).view(b, n, -1)
 
     def _ngram_rows(self, ids: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
         """The flat key table (K*257 dk) and, per position of ids (b n), the K rows whose sum is its
@@ -436,7 +435,7 @@ class EpisodicMemory(Memory):
         if few:
             key_table, key_rows = self._ngram_rows(ids, stream.prev)
             with torch.no_grad():
-                kw = F.normalize(F.embedding_bag(key_rows, key_table, mode="sum"), dim=-1).view(b, L, -1)
+                kw = _unit_keys(key_table, key_rows).view(b, L, -1)
         else:
             kw = self._ngram(ids, stream.prev)  # (b L dk): every position's context within its episode
         bytes_ = targets.masked_fill(targets < 0, PAD)
@@ -652,6 +651,12 @@ def _read_softmax(cos: Tensor, scales: Tensor, nulls: Tensor) -> Tensor:
     logits = scales[:, None, None, None] * cos  # (C b n e); an unseen entry's UNSEEN underflows to weight 0
     null = (scales * nulls)[:, None, None, None].expand(C, *cos.shape[:2], 1)
     return torch.softmax(torch.cat([logits, null], dim=-1), dim=-1)[..., :-1]
+
+
+def _unit_keys(table: Tensor, idx: Tensor) -> Tensor:
+    """(R dk) the unit n-gram keys of the rows idx (R K) of the flat key table, without autograd's
+    bookkeeping (generation, and choosing entries); _NGramKey is the same with a lean backward."""
+    return F.normalize(F.embedding_bag(idx, table, mode="sum"), dim=-1)
 
 
 class _NGramKey(torch.autograd.Function):
