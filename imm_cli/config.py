@@ -51,6 +51,8 @@ class MemoryConfig:
     trail: bool = True  # episodic: a byte also scores the mean surprise of the span of bytes up to it, when higher (a fact's last bytes keep its run's score)
     entries: int = 0  # episodic: positions one write offers at most, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
+    far_bytes: int = 32  # episodic, inference only: the bytes before a key's own key_bytes make a far key (a fixed random n-gram of them) that breaks ties between entries whose key_bytes match (facts sharing a phrase longer than key_bytes)
+    far_weight: float = 0.05  # episodic, inference only: the far key's weight in a read's dot products (a near cosine 1 - far_weight still loses to an exact one); 0 = off
     key_dim: int = 64  # episodic, knn, delta, titans: width of keys and queries (knn: over all its heads; titans: its MLP is twice as wide)
     value_dim: int = 0  # episodic, knn, delta, titans: width of a stored value before the output projection; 0 = n_embd (a byte needs few dims)
     sharp: float = 48.0  # episodic: fixed 1/temperature of a second read of the same entries, for near-exact contexts (0 = none)
@@ -81,6 +83,8 @@ class MemoryConfig:
         _require(self.norm in MEMORY_NORMS, f"--memory-norm must be one of {', '.join(MEMORY_NORMS)} (got {self.norm!r})")
         _require(0 <= self.entries <= 4096, f"--memory-entries must be between 0 (all) and 4096 (got {self.entries})")
         _require(1 <= self.key_bytes <= 64, f"--memory-key-bytes must be between 1 and 64 (got {self.key_bytes})")
+        _require(0 <= self.far_bytes <= 256, f"--memory-far-bytes must be between 0 (none) and 256 (got {self.far_bytes})")
+        _require(0 <= self.far_weight <= 1, f"--memory-far-weight must be between 0 (off) and 1 (got {self.far_weight})")
         _require(1 <= self.key_dim <= 4096, f"--memory-key-dim must be between 1 and 4096 (got {self.key_dim})")
         _require(0 <= self.value_dim <= 4096, f"--memory-value-dim must be between 0 (n_embd) and 4096 (got {self.value_dim})")
         _require(self.slots <= self.size <= 1_048_576 or self.kind == "linformer" or self.slots == 0,
@@ -206,6 +210,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "slots": ("memory", "slots"), "memory": ("memory", "kind"), "memory_lr": ("memory", "lr"),
     "memory_norm": ("memory", "norm"), "memory_temp": ("memory", "temp"), "memory_size": ("memory", "size"),
     "memory_topk": ("memory", "topk"), "memory_span": ("memory", "span"), "memory_trail": ("memory", "trail"), "memory_sharp": ("memory", "sharp"), "memory_local": ("memory", "local"), "memory_copy": ("memory", "copy"), "memory_knn_lm": ("memory", "knn_lm"), "memory_knn_exact": ("memory", "knn_exact"), "memory_keep": ("memory", "keep"), "memory_drop": ("memory", "drop"), "memory_entries": ("memory", "entries"), "memory_key_bytes": ("memory", "key_bytes"),
+    "memory_far_bytes": ("memory", "far_bytes"), "memory_far_weight": ("memory", "far_weight"),
     "memory_key_dim": ("memory", "key_dim"), "memory_value_dim": ("memory", "value_dim"),
     "layers": ("model", "n_layer"), "heads": ("model", "n_head"), "embd": ("model", "n_embd"), "block_size": ("model", "block_size"),
     "batch_size": ("train", "batch_size"), "iters": ("train", "iters"), "lr": ("train", "lr"), "segments": ("train", "segments"),
@@ -237,7 +242,7 @@ def flag_values(model: ModelConfig, train: TrainConfig) -> dict:
 
 
 # fields that configs written before they existed may lack, with the value that means the old behaviour
-LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0, "trail": False, "drop": 0.0, "knn_exact": 0.0}}
+LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0, "trail": False, "drop": 0.0, "knn_exact": 0.0, "far_bytes": 32, "far_weight": 0.0}}
 # what runs from before the entry budget mean, for experiments only (a resume refuses them: training
 # would continue under another memory): the dense read they were trained with, retention by a byte's
 # own surprise, and the same capacity as their slots x block entries (size None: computed below)

@@ -16,6 +16,7 @@ from conftest import TINY
 from imm_cli import runs
 from imm_cli.cli.app import app
 from imm_cli.config import LEGACY_DEFAULTS, MEMORY_KINDS, MemoryConfig, ModelConfig, TrainConfig
+from imm_cli.memory.episodic import FAR_DIM
 from imm_cli.model import GPT
 
 KINDS = list(MEMORY_KINDS)  # every registered memory (config.MEMORIES)
@@ -53,7 +54,9 @@ def test_shapes_with_memory(kind):
         assert state["slots"].shape == (3, 4, 32)
     elif kind == "episodic":
         M = model.cfg.memory.size
-        assert state["keys"].shape == (3, M, 16) and state["bytes"].shape == (3, M)
+        width = 16 + (FAR_DIM if not model.training else 0)  # at inference a key carries the far key too
+        assert model.memory.key_width == width
+        assert state["keys"].shape == (3, M, width) and state["bytes"].shape == (3, M)
         assert state["score"].shape == (3, M) and torch.isfinite(state["score"]).sum(1).eq(8).all()  # entries=8 offered
     assert model.memory.slot_vectors(state).shape == (3, 4, 32)
     assert model.memory.slot_filled(state).shape == (3, 4)

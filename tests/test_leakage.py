@@ -30,7 +30,7 @@ TINY_CANDIDATES = [REPO.parent / "shared" / "data" / "tinyshakespeare.txt", REPO
 TINY = next((p for p in TINY_CANDIDATES if p.is_file()), TINY_CANDIDATES[0])
 
 
-@pytest.fixture(scope="module", params=["facts.txt", "heldout_facts.txt", "many_facts.txt", "varied_facts.txt"])
+@pytest.fixture(scope="module", params=["facts.txt", "heldout_facts.txt", "many_facts.txt", "varied_facts.txt", "shared_phrase_facts.txt"])
 def eval_facts(request):
     return load_facts(EXAMPLES_DIR / request.param)
 

@@ -109,7 +109,7 @@ def test_knn_lm_mixes_at_inference_only():
     so training never learns to lean on the mix (the learned --memory-copy did, measured)."""
     from imm_cli.experiments.setup import set_knn_lm
 
-    model = tiny(1, knn_lm=0.2)
+    model = tiny(1, knn_lm=0.2, far_weight=0.0)  # the mix alone (the far key is inference-only too)
     state, prompts, rests, texts, gen = _written(model)
     assert [g[:len(r)] for g, r in zip(gen, rests)] == rests
     assert misses.classify(model, state, prompts, rests, gen, texts)["misses"] == 0
@@ -148,7 +148,7 @@ def test_an_exact_context_votes_with_knn_exact():
             parts = mem._segment_parts(seg, state)
             mem._gated(torch.zeros(*ids.shape, model.cfg.n_embd), mem._mix(parts), parts)
         copied[exact] = mem.copied.sum(-1)
-    sharp, same = parts["attn"][-1], parts["cos"] >= EXACT_COS
+    sharp, same = parts["attn"][-1], parts["near"] >= EXACT_COS  # the near keys: the same key_bytes of context
     on_exact, on_other = (sharp * same).sum(-1), (sharp * ~same).sum(-1)
     assert on_exact.max() > 0.5 and on_other.max() > 0.5  # both kinds of entry are read somewhere
     torch.testing.assert_close(copied[0.0], 0.2 * (on_exact + on_other))
@@ -254,3 +254,30 @@ def test_drop_hides_entries_in_training_only():
         model.memory.cfg = dataclasses.replace(mem.cfg, drop=0.0)
         kept = model.episode(x, y).token_loss[:, -1]
     assert not torch.allclose(hidden, kept)
+
+
+def test_the_far_key_breaks_a_tie_between_facts_sharing_a_long_phrase():
+    """Two facts whose answers follow the same phrase, longer than key_bytes: the answers' keys are
+    the same, so the read cannot tell them apart; the far key (the bytes before the phrase) can.
+    Inference only: a state written with the far key off is read with it on (the part both have)."""
+    from imm_cli.experiments.setup import set_far_weight
+
+    model = tiny(1, knn_lm=0.35, knn_exact=0.6, far_weight=0.3)
+    phrase = b" keeps the lantern of hall "  # 27 bytes: the subject sits beyond the 16 key bytes
+    facts = [b"Orvek Dazu" + phrase + b"4", b"Tazim Kolv" + phrase + b"7"]
+    row = probe.as_ids([facts[0].ljust(64) + facts[1].ljust(64)], "cpu")
+    prompts = probe.as_ids([f[:-1] for f in facts], "cpu")
+
+    def answers() -> list[str]:
+        state, _ = probe.write_text(model, model.init_state(1), row)
+        with torch.no_grad():
+            return [chr(int(model(p[None], state=state).logits[0, -1].argmax())) for p in prompts]
+
+    assert answers() == ["4", "7"]
+    set_far_weight(model, 0.0)
+    off = answers()
+    assert off != ["4", "7"] and off[0] == off[1]  # one answer for both: the tie
+    state, _ = probe.write_text(model, model.init_state(1), row)  # written without the far key
+    set_far_weight(model, 0.3)
+    with torch.no_grad():
+        assert model(prompts[:1], state=state).logits.isfinite().all()

@@ -52,6 +52,8 @@ HELP: dict[str, str] = {
     "memory_keep": "Episodic memory: weight (nats) of a learned keep score (trained on which entries later cues read) added to each entry's retention score; 0 = surprise alone, no keep head.",
     "memory_entries": "Episodic memory: positions one write offers at most, most surprising first; 0 = every position.",
     "memory_key_bytes": "Episodic memory: bytes of context that make a key.",
+    "memory_far_bytes": "Episodic memory, inference only: bytes before a key's own that make a far key (a fixed random n-gram), which breaks ties between entries whose key bytes match (facts that share a long phrase).",
+    "memory_far_weight": "Episodic memory, inference only: the far key's weight in the read's dot products; 0 = off.",
     "memory_key_dim": "Episodic, knn, delta and titans memories: width of keys and queries (knn: over all its heads; titans: its MLP is twice as wide).",
     "memory_value_dim": "Episodic, knn, delta and titans memories: width of a stored value before the output projection (episodic: a byte's); 0 = --embd.",
     "segments": "Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with].",

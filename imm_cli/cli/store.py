@@ -34,6 +34,8 @@ KNN_LM_HELP = ("Mix the episodic memory's sharp read into the output with this f
                "(--memory-knn-lm; 0 = the model's own distribution alone): inference only.")
 KNN_EXACT_HELP = ("The mix's weight for stored entries whose context matches exactly, instead of the run's "
                   "(--memory-knn-exact; 0 = --knn-lm for every entry): inference only.")
+FAR_WEIGHT_HELP = ("The episodic memory's far key weight, instead of the run's (--memory-far-weight; 0 = off): "
+                   "inference only.")
 MEMORY_SIZE_HELP = ("The memory's budget in entries, instead of the run's (--memory-size; episodic and knn): retention "
                     "acts at inference only, so the same weights measure what any budget keeps.")
 FACTS_HELP = "Facts file, one per line; the cue is the first two words (e.g. examples/facts.txt)."
@@ -44,9 +46,9 @@ def _declare(specs: list[tuple]) -> list[inspect.Parameter]:
 
 
 # recall's and needle's shared options, declared once: --run and --facts first, then the command's
-# own options, then --out, --device, --knn-lm, --knn-exact, --memory-size, --force and --json. The
+# own options, then --out, --device, --knn-lm, --knn-exact, --far-weight, --memory-size, --force and --json. The
 # command takes them as keyword-only parameters of the same names, the inference overrides
-# (--knn-lm, --knn-exact, --memory-size) as **inference.
+# (--knn-lm, --knn-exact, --far-weight, --memory-size) as **inference.
 with_fact_options = with_options(
     _declare([("run", Path, typer.Option(..., help="Run folder made by `imm train` (with memory).")),
               ("facts", Path, typer.Option(..., help=FACTS_HELP))]),
@@ -54,6 +56,7 @@ with_fact_options = with_options(
               ("device", str, typer.Option("cpu", help="cpu, cuda, mps or auto.")),
               ("knn_lm", Optional[float], typer.Option(None, "--knn-lm", help=KNN_LM_HELP)),
               ("knn_exact", Optional[float], typer.Option(None, "--knn-exact", help=KNN_EXACT_HELP)),
+              ("far_weight", Optional[float], typer.Option(None, "--far-weight", help=FAR_WEIGHT_HELP)),
               ("memory_size", Optional[int], typer.Option(None, "--memory-size", help=MEMORY_SIZE_HELP)),
               ("force", bool, typer.Option(False, "--force", help=FORCE_HELP)),
               ("json_out", bool, typer.Option(False, "--json", help="Print one JSON document on stdout."))]))
@@ -80,14 +83,15 @@ def open_with_facts(run: Path, facts: Path, out: Optional[Path], command: str, n
     """What recall and needle do first: check the seed, the run, the output folder and the facts file
     before any work; then, holding the output folder, open the run and its facts.
     Yields (output folder, model, held-out text, facts); `inference` overrides the run's kNN-LM weights
-    and budget (knn_lm, knn_exact, memory_size: experiments.setup.set_inference)."""
-    from imm_cli.experiments.setup import check_knn_lm, check_memory_size, open_facts, open_run, set_inference
+    far key and budget (knn_lm, knn_exact, far_weight, memory_size: experiments.setup.set_inference)."""
+    from imm_cli.experiments.setup import check_far_weight, check_knn_lm, check_memory_size, open_facts, open_run, set_inference
     from imm_cli.facts import load_facts
 
     check_seed(seed)
     inference = {k: v for k, v in (inference or {}).items() if v is not None}
     check_knn_lm(inference.get("knn_lm"))
     check_knn_lm(inference.get("knn_exact"), "--knn-exact")
+    check_far_weight(inference.get("far_weight"))
     out_dir = check_out(run, out, command, names, force)
     check_memory_size(inference.get("memory_size"), runs.load_model_config(run).memory)  # its kind and slots
     load_facts(facts)  # the file and its lines (whether they fit the model: open_facts)

@@ -40,7 +40,8 @@ def mix_of(model: GPT) -> dict:
     and the budget in entries (None where the memory has none)."""
     weight = knn_lm_of(model)
     return {"knn_lm": weight, "knn_exact": None if weight is None else model.cfg.memory.knn_exact,
-            "memory_size": getattr(model.memory, "size", None)}
+            "memory_size": getattr(model.memory, "size", None),
+            "far_weight": None if weight is None else model.cfg.memory.far_weight}
 
 
 def set_knn_lm(model: GPT, weight: float | None, exact: float | None = None) -> None:
@@ -54,6 +55,22 @@ def set_knn_lm(model: GPT, weight: float | None, exact: float | None = None) -> 
                          f"(this run's memory: {model.cfg.memory.kind if model.memory is not None else 'none'})")
     mem = model.cfg.memory
     mem = replace(mem, knn_lm=mem.knn_lm if weight is None else weight, knn_exact=mem.knn_exact if exact is None else exact)
+    model.cfg = replace(model.cfg, memory=mem)
+    model.memory.cfg = mem
+
+
+def check_far_weight(weight: float | None) -> None:
+    if weight is not None and not 0 <= weight <= 1:
+        raise InputError(f"--far-weight must be between 0 (off) and 1 (got {weight:g})")
+
+
+def set_far_weight(model: GPT, weight: float) -> None:
+    """Read with the episodic memory's far key at this weight (0: off): inference only, weights unchanged."""
+    check_far_weight(weight)
+    if model.memory is None or model.cfg.memory.kind != "episodic":
+        raise InputError(f"--far-weight: only the episodic memory has a far key "
+                         f"(this run's memory: {model.cfg.memory.kind if model.memory is not None else 'none'})")
+    mem = replace(model.cfg.memory, far_weight=weight)
     model.cfg = replace(model.cfg, memory=mem)
     model.memory.cfg = mem
 
@@ -80,10 +97,13 @@ def set_memory_size(model: GPT, size: int) -> None:
     model.memory.cfg, model.memory.size = mem, size
 
 
-def set_inference(model: GPT, knn_lm: float | None = None, knn_exact: float | None = None, memory_size: int | None = None) -> None:
+def set_inference(model: GPT, knn_lm: float | None = None, knn_exact: float | None = None, memory_size: int | None = None,
+                  far_weight: float | None = None) -> None:
     """An experiment's inference-time overrides of the run's settings (None keeps the run's)."""
     if knn_lm is not None or knn_exact is not None:
         set_knn_lm(model, knn_lm, knn_exact)
+    if far_weight is not None:
+        set_far_weight(model, far_weight)
     if memory_size is not None:
         set_memory_size(model, memory_size)
 

@@ -73,6 +73,7 @@ READ_CHUNK = 8192  # stored entries scored per matmul when taking the top-k (bou
 UNSEEN = -1e9  # the cosine an unseen entry reads as: times any scale above 1e-7 its softmax weight is exactly 0
 ENTRY_FIELDS = ("keys", "bytes", "score", "born")  # the state's tensors indexed by entry (b M ...)
 EXACT_COS = 0.999  # a stored context this close to the query's is the same bytes (knn_exact): float rounding aside
+FAR_DIM, FAR_SEED = 16, 1337  # the far key: width, and the seed of its fixed table (the same in every process)
 
 
 @dataclass
@@ -95,8 +96,11 @@ class EpisodicMemory(Memory):
         K, dk = cfg.key_bytes, cfg.key_dim
         # one byte table per offset (0 = the current byte): the sum is an n-gram embedding;
         # recent bytes start with larger weight so a near-miss context scores below an exact one
-        scale = torch.tensor([1.0 / math.sqrt(1 + t) for t in range(K)])
-        self.key_emb = nn.Parameter(torch.randn(K, PAD + 1, dk) * scale[:, None, None])
+        scale = torch.tensor([1.0 / math.sqrt(1 + t) for t in range(K + cfg.far_bytes)])
+        self.key_emb = nn.Parameter(torch.randn(K, PAD + 1, dk) * scale[:K, None, None])
+        if cfg.far_bytes:  # the far key's table: fixed random (a hash of the far bytes), neither learned nor saved
+            far = torch.randn(cfg.far_bytes, PAD + 1, FAR_DIM, generator=torch.Generator().manual_seed(FAR_SEED))
+            self.register_buffer("far_emb", far * scale[K:, None, None], persistent=False)
         dv = cfg.value_dim or n_embd
         self.value_emb = nn.Embedding(PAD + 1, dv)  # content of a stored next byte
         self.out = nn.Linear(dv, n_embd, bias=bias)
@@ -130,21 +134,42 @@ class EpisodicMemory(Memory):
         return {"key_emb"}  # a lookup table: decay would pull rare bytes' keys towards zero
 
     # --- keys ----------------------------------------------------------------------------------
+    @property
+    def far_on(self) -> bool:
+        """Whether keys carry the far key: at inference, with far_bytes and a far_weight (training
+        never sees it: it costs training nothing and changes nothing the model learns)."""
+        return bool(self.cfg.far_bytes and self.cfg.far_weight) and not self.training
+
+    @property
+    def key_width(self) -> int:
+        """The width of a stored key: the near key (key_dim), then, with far_on, the far one."""
+        return self.cfg.key_dim + (FAR_DIM if self.far_on else 0)
+
     def context_keys(self, seg: Segment) -> Tensor:
-        """(b n dk) unit vectors: the n-gram of the `key_bytes` bytes ending at each position."""
+        """(b n key_width) each position's key: the unit n-gram of the `key_bytes` bytes ending there;
+        with far_on, then sqrt(far_weight) x the unit n-gram (fixed random table) of the far_bytes
+        before those, so a dot product of keys is the near cosine + far_weight x the far cosine."""
         return self._ngram(seg.ids, seg.prev)
 
     def _ngram(self, ids: Tensor, prev: Tensor) -> Tensor:
-        table, idx = self._ngram_rows(ids, prev)
         b, n = ids.shape
-        if torch.is_grad_enabled() and table.requires_grad:
-            return _NGramKey.apply(table, idx).view(b, n, -1)
-        return _unit_keys(table, idx).view(b, n, -1)
+        return self._keys(self._ngram_rows(ids, prev)).view(b, n, -1)
 
-    def _ngram_rows(self, ids: Tensor, prev: Tensor) -> tuple[Tensor, Tensor]:
-        """The flat key table (K*257 dk) and, per position of ids (b n), the K rows whose sum is its
-        n-gram embedding (b*n K): the `key_bytes` bytes ending there, offset 0 the current byte."""
+    def _keys(self, rows: Tensor) -> Tensor:
+        """(R key_width) the keys of the rows (R K[+F]) of _ngram_rows, with autograd when it is on."""
         K = self.cfg.key_bytes
+        table, idx = self.key_emb.reshape(K * (PAD + 1), -1), rows[:, :K]
+        near = _NGramKey.apply(table, idx) if torch.is_grad_enabled() and table.requires_grad else _unit_keys(table, idx)
+        if rows.shape[1] == K:
+            return near
+        far = _unit_keys(self.far_emb.reshape(-1, FAR_DIM), rows[:, K:] - K * (PAD + 1))
+        return torch.cat([near, math.sqrt(self.cfg.far_weight) * far], -1)
+
+    def _ngram_rows(self, ids: Tensor, prev: Tensor) -> Tensor:
+        """Per position of ids (b n), the key tables' rows (b*n K[+F]) whose sums are its keys: offset t's
+        byte c is row t*257 + c, offset 0 the current byte; with far_on, offsets K.. (far_emb's, from
+        row K*257) continue into the far_bytes before the near ones."""
+        K = self._context_bytes()
         b, n = ids.shape
         prev = prev[:, -(K - 1):] if K > 1 else prev[:, :0]
         parts = [prev, ids]
@@ -154,11 +179,11 @@ class EpisodicMemory(Memory):
         windows = stream.unfold(1, K, 1).flip(-1)  # (b n K): offset 0 = the current byte
         offsets = torch.arange(K, device=stream.device) * (PAD + 1)  # row of (offset, byte) in the flat table
         # a sum over the K offsets of key_emb[offset, byte] is one embedding bag (no (b n K dk) tensor)
-        return self.key_emb.reshape(K * (PAD + 1), -1), (windows + offsets).reshape(b * n, K)
+        return (windows + offsets).reshape(b * n, K)
 
     # --- state ---------------------------------------------------------------------------------
     def init_state(self, batch: int, device: torch.device | str = "cpu") -> State:
-        M, dk = self.size, self.cfg.key_dim
+        M, dk = self.size, self.key_width
         return {
             "keys": torch.zeros(batch, M, dk, device=device),
             "bytes": torch.full((batch, M), PAD, dtype=torch.long, device=device),
@@ -178,7 +203,8 @@ class EpisodicMemory(Memory):
 
     def holds(self, state: State, ids: Tensor, byte: Tensor) -> Tensor:
         q = self._ngram(ids[:, -1:], ids[:, :-1])  # (b 1 dk) the key of the context ending at the last byte
-        same = torch.einsum("bmd,bnd->bm", state["keys"], q) > 1 - 1e-4  # the very same context
+        dk = self.cfg.key_dim  # the near keys: the very same key_bytes of context
+        same = torch.einsum("bmd,bnd->bm", state["keys"][..., :dk], q[..., :dk]) > 1 - 1e-4
         return (same & (state["bytes"] == byte[:, None]) & torch.isfinite(state["score"])).any(1)
 
     def slot_of_entries(self, device=None) -> Tensor:
@@ -248,10 +274,27 @@ class EpisodicMemory(Memory):
             return s, i
         return _chosen_cosines(q, keys, s, i), i
 
-    def _stored(self, q: Tensor, state: State) -> tuple[Tensor, Tensor, Tensor]:
-        """The top-k stored entries of each query: cosines (b n k), indices and byte ids (b n k)."""
+    def _stored(self, q: Tensor, state: State) -> tuple:
+        """The top-k stored entries of each query: cosines (b n k), indices and byte ids (b n k), and
+        where the exact-context test needs them (`_near_needed`), their near keys' cosines (b n k)."""
+        q = _fit(q, state["keys"].shape[-1])  # a state written in the other mode: the part both have
         cos, idx = self._stored_topk(q, state)
-        return cos, idx, state["bytes"].gather(1, idx.flatten(1)).view_as(idx)
+        ids = state["bytes"].gather(1, idx.flatten(1)).view_as(idx)
+        if not self._near_needed():
+            return cos, idx, ids
+        return cos, idx, ids, self._near_at(q, state["keys"], idx, cos)
+
+    def _near_needed(self) -> bool:
+        """Whether a read also scores its entries by the near keys alone: with the far key on, for the
+        kNN-LM mix's exact-context test (the same key_bytes of context, whatever came before them)."""
+        return self.far_on and self.copies and not self.cfg.copy and self.cfg.knn_exact > self.cfg.knn_lm
+
+    def _near_at(self, q: Tensor, keys: Tensor, idx: Tensor, best: Tensor) -> Tensor:
+        """(b n k) the near keys' cosines of queries q (b n D) with keys (b M D) at idx (b n k)."""
+        b, M, _ = keys.shape
+        dk = self.cfg.key_dim
+        rows = idx + M * torch.arange(b, device=idx.device)[:, None, None]
+        return _cosines_at(q[..., :dk], keys.flatten(0, 1)[:, :dk], rows, best)
 
     def _attend(self, q_keys: Tensor, win_keys: Tensor, win_bytes: Tensor,
                 stored: tuple[Tensor, Tensor, Tensor]) -> dict:
@@ -267,13 +310,16 @@ class EpisodicMemory(Memory):
         """
         b, n, _ = q_keys.shape
         w = win_keys.shape[1]
-        st_cos, st_idx, st_ids = stored
+        st_cos, st_idx, st_ids, *near = stored  # near: the stored entries' near cosines, where needed
         cos, local_ids = [st_cos], None
         if self.cfg.local and w > 1:
             local = torch.bmm(q_keys, win_keys[:, : w - 1].transpose(1, 2))  # (b n w-1)
             seen = torch.ones(n, w - 1, dtype=torch.bool, device=q_keys.device).tril(w - n - 1)
             cos.append(local.masked_fill_(~seen, -math.inf))  # in place: bmm's backward needs only its inputs
             local_ids = win_bytes[:, 1:]
+            if near:
+                dk = self.cfg.key_dim
+                near.append(torch.bmm(q_keys[..., :dk], win_keys[:, : w - 1, :dk].transpose(1, 2)).masked_fill_(~seen, -math.inf))
         # an unseen entry (-inf) -> UNSEEN: any scale then puts exactly zero weight on it, and its
         # gradient is exactly zero (a learned scale times -inf has a NaN one); one clamp, not a mask
         # over every read channel's logits
@@ -285,6 +331,7 @@ class EpisodicMemory(Memory):
         attn = _read_softmax(cos, torch.stack(scales), torch.stack(nulls))  # (C b n e)
         k = st_cos.shape[-1]
         return {"attn": attn, "stored_ids": st_ids, "local_ids": local_ids, "k": k, "stored_idx": st_idx, "cos": cos,
+                "near": torch.cat(near, dim=-1).clamp(min=UNSEEN) if near else cos,  # the exact-context test's cosines
                 "stored_attn": attn[0][..., :k], "local_attn": attn[0][..., k:].sum(-1)}
 
     def _outs(self) -> list[nn.Linear]:
@@ -353,7 +400,7 @@ class EpisodicMemory(Memory):
             else:  # an entry whose context is exactly the query's votes with knn_exact, any other with knn_lm
                 lam, exact = self.cfg.knn_lm, self.cfg.knn_exact
                 if exact > lam:
-                    self.copied = self._per_byte(parts, sharp * torch.where(parts["cos"] >= EXACT_COS, exact, lam))[..., :PAD]
+                    self.copied = self._per_byte(parts, sharp * torch.where(parts["near"] >= EXACT_COS, exact, lam))[..., :PAD]
                 else:
                     self.copied = lam * self._per_byte(parts, sharp)[..., :PAD]
         gate = torch.sigmoid(self.gate(h))
@@ -409,10 +456,14 @@ class EpisodicMemory(Memory):
         at each position, value: its target, valid where known); surprise only decides retention,
         which never acts while the episode fits the budget. Conditions: every position offered
         (entries >= n), no eviction ((segments - 1) * n <= size), keys reach back no further than the
-        previous segment (key_bytes - 1 <= n), and neither frozen nor observed.
+        previous segment (key_bytes (+ far_bytes with far_on) - 1 <= n), and neither frozen nor observed.
         """
         return (not self.frozen and not self.observe and self.per_write >= n
-                and (segments - 1) * n <= self.size and self.cfg.key_bytes - 1 <= n)
+                and (segments - 1) * n <= self.size and self._context_bytes() - 1 <= n)
+
+    def _context_bytes(self) -> int:
+        """How many bytes a key reads (its own, and with far_on the far ones)."""
+        return self.cfg.key_bytes + (self.cfg.far_bytes if self.far_on else 0)
 
     def read_episode(self, h: Tensor, stream: Segment, starts: list[int], n: int) -> Tensor:
         """`read` of the n-byte segments beginning at `starts` of whole fresh episodes (b L).
@@ -433,9 +484,9 @@ class EpisodicMemory(Memory):
         # chosen entry's), which spares a dense (b L dk) gradient (zero-filled, summed, scanned)
         few = k > 0 and bool(self.cfg.topk) and L > S * n and torch.is_grad_enabled() and self.key_emb.requires_grad
         if few:
-            key_table, key_rows = self._ngram_rows(ids, stream.prev)
+            key_rows = self._ngram_rows(ids, stream.prev)
             with torch.no_grad():
-                kw = _unit_keys(key_table, key_rows).view(b, L, -1)
+                kw = self._keys(key_rows).view(b, L, -1)
         else:
             kw = self._ngram(ids, stream.prev)  # (b L dk): every position's context within its episode
         bytes_ = targets.masked_fill(targets < 0, PAD)
@@ -469,7 +520,7 @@ class EpisodicMemory(Memory):
                 place = torch.full((b * L,), -1, dtype=torch.long, device=ids.device)
                 place[rows] = torch.arange(rows.numel(), device=ids.device)
         if few:
-            keys = _NGramKey.apply(key_table, key_rows.index_select(0, rows))  # (R dk), with autograd
+            keys = self._keys(key_rows.index_select(0, rows))  # (R dk), with autograd
             offset = L * torch.arange(b, device=ids.device)
             q = _rows(keys, place[pos + offset[:, None]])  # (b S*n dk)
             cos = _cosines_at(q, keys, place[i + offset[:, None, None]], s)
@@ -478,7 +529,10 @@ class EpisodicMemory(Memory):
         st_ids = bytes_.gather(1, i.flatten(1)).view_as(i)
         per_seg = lambda t: t.reshape(b * S, n, *t.shape[2:])  # noqa: E731  (b S*n ...) -> (b*S n ...)
         win_bytes = ids.index_select(1, pos)
-        parts = self._attend(per_seg(q), per_seg(q), per_seg(win_bytes), (per_seg(cos), per_seg(i), per_seg(st_ids)))
+        stored = (per_seg(cos), per_seg(i), per_seg(st_ids))
+        if self._near_needed():
+            stored += (per_seg(self._near_at(q, kw, i, s)),)
+        parts = self._attend(per_seg(q), per_seg(q), per_seg(win_bytes), stored)
         if self.cfg.keep and torch.is_grad_enabled():
             self.aux_loss = self._keep_loss(h, parts["attn"][-1][..., :k].reshape(b, S * n, k), i, pos[:(S - 1) * n], targets)
         return self._gated(h, self._mix(parts), parts)  # episode-major, as h
@@ -532,7 +586,7 @@ class EpisodicMemory(Memory):
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor, in_place: bool = False) -> State:
         b, n = seg.ids.shape
-        M, dk = self.size, self.cfg.key_dim
+        M, dk = self.size, self.key_width
         surprise = surprise.float().masked_fill(seg.targets < 0, -math.inf)  # no next byte: no loss to count
         score = self.retention_score(surprise, state["before"])
         if self.cfg.keep:
@@ -540,7 +594,8 @@ class EpisodicMemory(Memory):
         score = score.masked_fill(self._let_go(seg.targets < 0), -math.inf)
         k = min(self.per_write, n, M)
         new_score, pos = score.topk(k, dim=1)  # (b k) offered entries, most surprising first
-        new_keys = self.context_keys(seg).gather(1, pos[..., None].expand(-1, -1, dk))
+        dk = state["keys"].shape[-1]  # the state's key width (a state made in the other mode keeps its own)
+        new_keys = _fit(self.context_keys(seg), dk).gather(1, pos[..., None].expand(-1, -1, dk))
         new_bytes = seg.targets.gather(1, pos)
         old_score = state["score"] * self.cfg.decay  # -inf (empty) stays -inf
         # (b k) the weakest stored, weakest first; empty ones before all, lowest index first, so the
@@ -586,6 +641,14 @@ def _span_mean(x: Tensor, left: int, right: int) -> Tensor:
     total = F.avg_pool1d(pad(torch.where(known, x, 0.0)), left + right + 1, stride=1)[:, 0]
     count = F.avg_pool1d(pad(known.to(x.dtype)), left + right + 1, stride=1)[:, 0]
     return total / count.clamp(min=1e-9)
+
+
+def _fit(keys: Tensor, width: int) -> Tensor:
+    """keys (... D) cut or zero-padded to `width`: near and far keys stay aligned (a missing far key
+    adds nothing to a dot product), so a state written with the far key off is read with it on."""
+    if keys.shape[-1] >= width:
+        return keys[..., :width]
+    return F.pad(keys, (0, width - keys.shape[-1]))
 
 
 def _stored_end(valid: Tensor) -> int:
