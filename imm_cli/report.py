@@ -570,7 +570,8 @@ def stale_note(f: RunFolder, doc: Doc) -> str:
 
 
 # an experiment's inference-time overrides: its JSON's model key -> (the run's memory field, the flag)
-OVERRIDES = {"knn_lm": ("knn_lm", "--knn-lm"), "knn_exact": ("knn_exact", "--knn-exact"), "memory_size": ("size", "--memory-size")}
+OVERRIDES = {"knn_lm": ("knn_lm", "--knn-lm"), "knn_exact": ("knn_exact", "--knn-exact"), "far_weight": ("far_weight", "--far-weight"),
+             "memory_size": ("size", "--memory-size")}
 
 
 def overrides_of(measured: Any, run_memory: Any) -> list[str]:

@@ -181,6 +181,8 @@ CASES: list[Case] = [
     Case("train:memory-knn-lm-1", lambda c: train(c, "--memory-knn-lm", "1"), expect=("--memory-knn-lm",)),
     Case("train:memory-drop-1", lambda c: train(c, "--memory-drop", "1"), expect=("--memory-drop",)),
     Case("train:memory-knn-exact-1", lambda c: train(c, "--memory-knn-exact", "1"), expect=("--memory-knn-exact",)),
+    Case("train:memory-far-weight-negative", lambda c: train(c, "--memory-far-weight", "-0.1"), expect=("--memory-far-weight",)),
+    Case("train:memory-far-bytes-too-many", lambda c: train(c, "--memory-far-bytes", "300"), expect=("--memory-far-bytes",)),
     Case("train:memory-value-dim-negative", lambda c: train(c, "--memory-value-dim", "-1")),
     Case("train:heads-not-dividing-embd", lambda c: train(c, "--heads", "3", "--embd", "32")),
     Case("train:lr-0", lambda c: train(c, "--lr", "0")),
@@ -375,6 +377,7 @@ for _cmd in FACT_COMMANDS:
         Case(f"{_cmd}:knn-lm-1", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-lm", "1"), expect=("--knn-lm",)),
         Case(f"{_cmd}:knn-lm-negative", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-lm", "-0.1"), expect=("--knn-lm",)),
         Case(f"{_cmd}:knn-exact-1", lambda c, m=_cmd: _with_run(m, c, c.run(), "--knn-exact", "1"), expect=("--knn-exact",)),
+        Case(f"{_cmd}:far-weight-2", lambda c, m=_cmd: _with_run(m, c, c.run(), "--far-weight", "2"), expect=("--far-weight",)),
         Case(f"{_cmd}:memory-size-0", lambda c, m=_cmd: _with_run(m, c, c.run(), "--memory-size", "0"), expect=("--memory-size",)),
     ]
 

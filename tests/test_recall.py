@@ -376,6 +376,20 @@ def test_knn_exact_override_is_recorded(tiny_runs, tmp_path):
     assert "kNN-LM mix 0.3 (0.7 exact)" in " ".join(r.stderr.split())
 
 
+def test_far_weight_override_is_recorded(tiny_runs, tmp_path):
+    """--far-weight measures the same weights with another far-key weight: recorded in the JSON,
+    and the report names it as an override of the run's own."""
+    from imm_cli.report import overrides_of
+
+    r = runner.invoke(app, ["recall", "--run", str(tiny_runs["episodic"]), "--facts", "examples/facts.txt",
+                            "--out", str(tmp_path / "o"), "--far-weight", "0.2", "--json"])
+    assert r.exit_code == 0, r.output
+    model = json.loads(r.stdout)["model"]
+    assert model["far_weight"] == 0.2
+    own = json.loads((tiny_runs["episodic"] / "config.json").read_text())["model"]["memory"]
+    assert own["far_weight"] != 0.2 and overrides_of(model, own) == [f"--far-weight 0.2 (the run's: {own['far_weight']:g})"]
+
+
 def test_memory_size_override_is_recorded_and_acts(tiny_runs, tmp_path):
     """--memory-size measures the same weights under another budget: recorded in the JSON, shown in
     the title, the run untouched."""
