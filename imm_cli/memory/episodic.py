@@ -47,6 +47,16 @@ Fixed, the sharp read cannot drift into the soft one's role. With
 still inside the window). When a cue repeats a stored context, the read carries the byte that
 followed it; once that byte is produced, the next context matches the next entry, and so on.
 
+Far key (inference only, `far_weight` > 0): facts that share a phrase longer than key_bytes
+("... was awarded the Lindqvist Medal in 1987") have the same key at the answer, and the read
+cannot tell them apart. At inference a key also carries sqrt(far_weight) x a unit n-gram of the
+`far_bytes` bytes before its own, from a fixed random table (a hash of those bytes: neither learned
+nor saved), so a dot product is the near cosine + far_weight x the far cosine: among entries whose
+key_bytes match, the one whose earlier bytes match too wins, while a near cosine below 1 -
+far_weight still loses to an exact one. The exact-context test (knn_exact) reads the near key
+alone. Training never sees it (measured: 32-byte keys cost single facts, a learned far key costs
+training steps; README "Memory that lasts").
+
 Slots: the budget is cut into `slots` equal regions of the entry buffer (slot j holds entries
 j*size/slots .. (j+1)*size/slots - 1). A slot is where entries live, not a unit of writing: the
 usage analysis reports how reads and writes spread over these regions.
@@ -297,10 +307,11 @@ class EpisodicMemory(Memory):
         return _cosines_at(q[..., :dk], keys.flatten(0, 1)[:, :dk], rows, best)
 
     def _attend(self, q_keys: Tensor, win_keys: Tensor, win_bytes: Tensor,
-                stored: tuple[Tensor, Tensor, Tensor]) -> dict:
+                stored: tuple) -> dict:
         """The read's attention for n queries, the last n positions of a window of w positions.
 
-        Stored entries: `stored`, the top-k of the state (`_stored`). Local entries: window position j (its context ->
+        Stored entries: `stored`, the top-k of the state (`_stored`: cosines, indices, byte ids, and
+        where the exact-context test needs them the near keys' cosines). Local entries: window position j (its context ->
         the byte after it, win_bytes[j+1]) is readable by a query at window position i once j < i.
         The same cosines feed two softmaxes (read channels): the learned-temperature one (a
         smoothed n-gram read) and, with `sharp`, one at that fixed 1/temperature (near-exact
