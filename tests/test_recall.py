@@ -386,6 +386,7 @@ def test_far_weight_override_is_recorded(tiny_runs, tmp_path):
     assert r.exit_code == 0, r.output
     model = json.loads(r.stdout)["model"]
     assert model["far_weight"] == 0.2
+    assert "far key 0.2" in " ".join(r.stderr.split())  # and in the table's title
     own = json.loads((tiny_runs["episodic"] / "config.json").read_text())["model"]["memory"]
     assert own["far_weight"] != 0.2 and overrides_of(model, own) == [f"--far-weight 0.2 (the run's: {own['far_weight']:g})"]
 

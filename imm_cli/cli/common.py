@@ -280,11 +280,12 @@ def budget_label(model: dict) -> str:
 
 
 def knn_label(model: dict) -> str:
-    """', kNN-LM mix 0.35 (0.5 exact)' (or ', no kNN-LM mix') for an experiment's title; '' where the
-    memory has none."""
-    w, exact = model.get("knn_lm"), model.get("knn_exact")
+    """', kNN-LM mix 0.35 (0.5 exact), far key 0.05' (or ', no kNN-LM mix') for an experiment's title;
+    '' where the memory has none."""
+    w, exact, far = model.get("knn_lm"), model.get("knn_exact"), model.get("far_weight")
     if w is None:
         return ""
+    far_part = f", far key {far:g}" if far else ""
     if not w:
-        return ", no kNN-LM mix"
-    return f", kNN-LM mix {w:g}" + (f" ({exact:g} exact)" if exact and exact > w else "")
+        return ", no kNN-LM mix" + far_part
+    return f", kNN-LM mix {w:g}" + (f" ({exact:g} exact)" if exact and exact > w else "") + far_part
