@@ -281,3 +281,21 @@ def test_the_far_key_breaks_a_tie_between_facts_sharing_a_long_phrase():
     set_far_weight(model, 0.3)
     with torch.no_grad():
         assert model(prompts[:1], state=state).logits.isfinite().all()
+
+
+def test_the_far_key_is_off_in_training():
+    """Training never sees the far key: the same initialisation trains to the same loss and gradients
+    with any far weight (its table is drawn from its own generator, not the global one)."""
+    from imm_cli.train import episode_loss
+
+    x, y = torch.randint(97, 101, (2, 4, 64)), torch.randint(97, 101, (2, 4, 64))
+    losses, grads = [], []
+    for far in (0.0, 0.3):
+        model = tiny(1, far_weight=far).train()
+        assert model.memory.key_width == 16
+        loss, _ = episode_loss(model, x, y)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append(model.memory.key_emb.grad.clone())
+    torch.testing.assert_close(losses[0], losses[1], rtol=0, atol=0)
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)
