@@ -37,6 +37,11 @@ def check_knn_lm(weight: float, flag: str = "--memory-knn-lm") -> None:
     _require(0 <= weight < 1, f"{flag} must be in [0, 1) (got {weight})")
 
 
+def check_far_weight(weight: float, flag: str = "--memory-far-weight") -> None:
+    """The far key's weight range, for training's flag and for an experiment's override alike."""
+    _require(0 <= weight <= 1, f"{flag} must be between 0 (off) and 1 (got {weight:g})")
+
+
 @dataclass(frozen=True)
 class MemoryConfig:
     kind: str = "episodic"  # one of MEMORY_KINDS: episodic, linformer (the notes'), knn (Memorizing Transformers), delta (fast weights), titans (neural memory)
@@ -84,7 +89,7 @@ class MemoryConfig:
         _require(0 <= self.entries <= 4096, f"--memory-entries must be between 0 (all) and 4096 (got {self.entries})")
         _require(1 <= self.key_bytes <= 64, f"--memory-key-bytes must be between 1 and 64 (got {self.key_bytes})")
         _require(0 <= self.far_bytes <= 256, f"--memory-far-bytes must be between 0 (none) and 256 (got {self.far_bytes})")
-        _require(0 <= self.far_weight <= 1, f"--memory-far-weight must be between 0 (off) and 1 (got {self.far_weight})")
+        check_far_weight(self.far_weight)
         _require(1 <= self.key_dim <= 4096, f"--memory-key-dim must be between 1 and 4096 (got {self.key_dim})")
         _require(0 <= self.value_dim <= 4096, f"--memory-value-dim must be between 0 (n_embd) and 4096 (got {self.value_dim})")
         _require(self.slots <= self.size <= 1_048_576 or self.kind == "linformer" or self.slots == 0,

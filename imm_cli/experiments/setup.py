@@ -50,29 +50,36 @@ def set_knn_lm(model: GPT, weight: float | None, exact: float | None = None) -> 
     exactly matching contexts; None keeps the run's): inference only, weights unchanged."""
     check_knn_lm(weight)
     check_knn_lm(exact, "--knn-exact")
-    if knn_lm_of(model) is None:
-        raise InputError(f"{'--knn-lm' if weight is not None else '--knn-exact'}: only the episodic memory proposes next bytes "
-                         f"(this run's memory: {model.cfg.memory.kind if model.memory is not None else 'none'})")
+    _episodic_only(model, f"{'--knn-lm' if weight is not None else '--knn-exact'}: only the episodic memory proposes next bytes")
     mem = model.cfg.memory
-    mem = replace(mem, knn_lm=mem.knn_lm if weight is None else weight, knn_exact=mem.knn_exact if exact is None else exact)
-    model.cfg = replace(model.cfg, memory=mem)
-    model.memory.cfg = mem
+    _set_memory(model, knn_lm=mem.knn_lm if weight is None else weight, knn_exact=mem.knn_exact if exact is None else exact)
 
 
 def check_far_weight(weight: float | None) -> None:
-    if weight is not None and not 0 <= weight <= 1:
-        raise InputError(f"--far-weight must be between 0 (off) and 1 (got {weight:g})")
+    """An experiment's far-key weight override (None: the run's own), by training's range rule."""
+    if weight is not None:
+        config.check_far_weight(weight, "--far-weight")
 
 
 def set_far_weight(model: GPT, weight: float) -> None:
     """Read with the episodic memory's far key at this weight (0: off): inference only, weights unchanged."""
     check_far_weight(weight)
-    if model.memory is None or model.cfg.memory.kind != "episodic":
-        raise InputError(f"--far-weight: only the episodic memory has a far key "
-                         f"(this run's memory: {model.cfg.memory.kind if model.memory is not None else 'none'})")
-    mem = replace(model.cfg.memory, far_weight=weight)
+    _episodic_only(model, "--far-weight: only the episodic memory has a far key")
+    _set_memory(model, far_weight=weight)
+
+
+def _episodic_only(model: GPT, what: str) -> None:
+    """An InputError `what` (naming this run's memory) unless the run's memory is episodic."""
+    if knn_lm_of(model) is None:
+        raise InputError(f"{what} (this run's memory: {model.cfg.memory.kind if model.memory is not None else 'none'})")
+
+
+def _set_memory(model: GPT, **fields) -> config.MemoryConfig:
+    """The model and its memory reading with these MemoryConfig fields changed (inference settings)."""
+    mem = replace(model.cfg.memory, **fields)
     model.cfg = replace(model.cfg, memory=mem)
     model.memory.cfg = mem
+    return mem
 
 
 def check_memory_size(size: int | None, memory: config.MemoryConfig) -> None:
@@ -92,9 +99,8 @@ def set_memory_size(model: GPT, size: int) -> None:
     at inference only (training episodes never fill the budget), so the same weights measure what
     any budget keeps: the episodic memory's retention, the knn memory's FIFO."""
     check_memory_size(size, model.cfg.memory)
-    mem = replace(model.cfg.memory, size=size)
-    model.cfg = replace(model.cfg, memory=mem)
-    model.memory.cfg, model.memory.size = mem, size
+    _set_memory(model, size=size)
+    model.memory.size = size
 
 
 def set_inference(model: GPT, knn_lm: float | None = None, knn_exact: float | None = None, memory_size: int | None = None,

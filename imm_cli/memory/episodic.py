@@ -301,10 +301,7 @@ class EpisodicMemory(Memory):
 
     def _near_at(self, q: Tensor, keys: Tensor, idx: Tensor, best: Tensor) -> Tensor:
         """(b n k) the near keys' cosines of queries q (b n D) with keys (b M D) at idx (b n k)."""
-        b, M, _ = keys.shape
-        dk = self.cfg.key_dim
-        rows = idx + M * torch.arange(b, device=idx.device)[:, None, None]
-        return _cosines_at(q[..., :dk], keys.flatten(0, 1)[:, :dk], rows, best)
+        return _chosen_cosines(q[..., :self.cfg.key_dim], keys, best, idx)
 
     def _attend(self, q_keys: Tensor, win_keys: Tensor, win_bytes: Tensor,
                 stored: tuple) -> dict:
@@ -668,10 +665,14 @@ def _stored_end(valid: Tensor) -> int:
 
 
 def _chosen_cosines(q: Tensor, keys: Tensor, best: Tensor, idx: Tensor) -> Tensor:
-    """(b n k) the cosines of queries q (b n dk) with the keys (b M dk) at idx (b n k), with autograd
-    (-inf where the selection found nothing: `best` is -inf)."""
+    """(b n k) the cosines of queries q (b n dk) with the keys (b M D) at idx (b n k), with autograd
+    (-inf where the selection found nothing: `best` is -inf); keys wider than q (D > dk: with the far
+    key) are read in their first dk dimensions, the near key."""
     b, M, _ = keys.shape
-    return _cosines_at(q, keys.flatten(0, 1), idx + M * torch.arange(b, device=idx.device)[:, None, None], best)
+    flat = keys.flatten(0, 1)
+    if flat.shape[-1] > q.shape[-1]:  # sliced only when narrower: no extra autograd node in training
+        flat = flat[:, :q.shape[-1]]
+    return _cosines_at(q, flat, idx + M * torch.arange(b, device=idx.device)[:, None, None], best)
 
 
 def _cosines_at(q: Tensor, keys: Tensor, rows: Tensor, best: Tensor) -> Tensor:
