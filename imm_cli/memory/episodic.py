@@ -594,7 +594,7 @@ class EpisodicMemory(Memory):
 
     def _write(self, h: Tensor, seg: Segment, state: State, surprise: Tensor, in_place: bool = False) -> State:
         b, n = seg.ids.shape
-        M, dk = self.size, self.key_width
+        M, dk = self.size, state["keys"].shape[-1]  # the state's key width (a state made in the other mode keeps its own)
         surprise = surprise.float().masked_fill(seg.targets < 0, -math.inf)  # no next byte: no loss to count
         score = self.retention_score(surprise, state["before"])
         if self.cfg.keep:
@@ -602,7 +602,6 @@ class EpisodicMemory(Memory):
         score = score.masked_fill(self._let_go(seg.targets < 0), -math.inf)
         k = min(self.per_write, n, M)
         new_score, pos = score.topk(k, dim=1)  # (b k) offered entries, most surprising first
-        dk = state["keys"].shape[-1]  # the state's key width (a state made in the other mode keeps its own)
         new_keys = _fit(self.context_keys(seg), dk).gather(1, pos[..., None].expand(-1, -1, dk))
         new_bytes = seg.targets.gather(1, pos)
         old_score = state["score"] * self.cfg.decay  # -inf (empty) stays -inf
