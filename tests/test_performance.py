@@ -227,7 +227,7 @@ def test_table_kept_for_generation_follows_the_weights():
     """The projected value table kept between reads without autograd is recomputed once a weight
     changes in place (an optimizer step) or is replaced (a load)."""
     mem = model_for(slots=4, key_bytes=8, key_dim=16).memory
-    fresh = lambda: torch.cat([mem.value_emb.weight @ out.weight.t() for out in mem._outs()])  # noqa: E731  (channels stacked)
+    fresh = lambda: torch.stack([mem.value_emb.weight @ out.weight.t() for out in mem._outs()], 1).flatten(0, 1)  # noqa: E731  (row id*C + c)
     with torch.no_grad():
         first = mem._table()
         assert mem._table() is first  # kept

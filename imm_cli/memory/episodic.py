@@ -346,16 +346,16 @@ class EpisodicMemory(Memory):
         return [self.out] + ([self.sharp_out] if self.cfg.sharp else [])
 
     def _table(self) -> Tensor:
-        """(C*257 d): rows c*257 .. c*257+256 hold each byte's stored value as read channel c projects
-        it (projecting the 257 values once is cheaper than projecting every position's mix; the
-        channels stacked so one embedding bag and one matmul mix them all). Without autograd
+        """(257*C d): row byte*C + c holds the byte's stored value as read channel c projects it
+        (projecting the 257 values once is cheaper than projecting every position's mix; the
+        channels side by side so one embedding bag and one matmul mix them all, byte-major so the
+        table is the projection's own output, not a transposed copy of it). Without autograd
         (generation: one read per byte) it is kept until a weight changes."""
         outs = self._outs()
 
         def project() -> Tensor:
             w = torch.cat([out.weight for out in outs]) if len(outs) > 1 else outs[0].weight  # (C*d dv)
-            table = self.value_emb.weight @ w.t()  # (257 C*d)
-            return table.view(PAD + 1, len(outs), -1).transpose(0, 1).reshape(len(outs) * (PAD + 1), -1)
+            return (self.value_emb.weight @ w.t()).view((PAD + 1) * len(outs), -1)  # (257 C*d) as (257*C d)
         if torch.is_grad_enabled():
             return project()
         # a load or an in-place edit bumps a weight's _version; a fused optimizer step does not, so
@@ -367,26 +367,26 @@ class EpisodicMemory(Memory):
 
     def _mix(self, parts: dict, table: Tensor | None = None) -> Tensor:
         """(b n d) the read before its gate: summed over the read channels, the attention-weighted
-        projected values of the bytes the entries carry. All channels at once: channel c's weights
-        address rows c*257.. of the stacked table, the k stored entries as one weighted embedding bag,
-        the local ones as one matmul."""
+        projected values of the bytes the entries carry. All channels at once: channel c's weight for
+        byte id addresses row id*C + c of the table, the k stored entries as one weighted embedding
+        bag, the local ones as one matmul."""
         attn, k, ids = parts["attn"], parts["k"], parts["stored_ids"]
         C, b, n, e = attn.shape
         table = self._table() if table is None else table
-        rows = (PAD + 1) * torch.arange(C, device=ids.device)  # (C) each channel's first row
+        chan = torch.arange(C, device=ids.device)  # (C) a channel's row among its byte's C rows
         stored, local = attn.split([k, e - k], dim=-1)  # one backward node for both parts
         if k == 0:  # nothing stored yet
             read = attn.new_zeros(b, n, table.shape[1])
         elif k <= GATHER_K:  # a few entries per query: their values' weighted sum, in one fused kernel
-            bag = (ids[:, :, None] + rows[:, None]).reshape(b * n, C * k)  # (b n C k) -> bags of C*k
+            bag = (C * ids[:, :, None] + chan[:, None]).reshape(b * n, C * k)  # (b n C k) -> bags of C*k
             weights = stored.permute(1, 2, 0, 3).reshape(b * n, C * k)
             read = F.embedding_bag(bag, table, mode="sum", per_sample_weights=weights).view(b, n, -1)
         else:  # many (a dense read): sum the attention per (channel, byte id) first, then one matmul
             per_row = [attn.new_zeros(b, n, PAD + 1).scatter_add_(2, ids, a) for a in stored]  # no (b n C k) copy
-            read = torch.cat(per_row, dim=-1) @ table
+            read = torch.stack(per_row, dim=-1).flatten(2) @ table  # (b n 257 C) -> rows id*C + c
         if parts["local_ids"] is not None:
             w1 = e - k
-            lids = (parts["local_ids"][:, None] + rows[:, None]).reshape(b, C * w1)  # (b C*(w-1))
+            lids = (C * parts["local_ids"][:, None] + chan[:, None]).reshape(b, C * w1)  # (b C*(w-1))
             read = read + torch.bmm(local.permute(1, 2, 0, 3).reshape(b, n, C * w1), _rows(table, lids))
         for out in self._outs():
             if out.bias is not None:
@@ -754,10 +754,9 @@ class _NGramKey(torch.autograd.Function):
     def backward(ctx, grad: Tensor):
         idx, unit, norm = ctx.saved_tensors
         grad = (grad - unit * (grad * unit).sum(-1, keepdim=True)) / norm  # through x / |x|
-        out = grad.new_zeros(ctx.rows, grad.shape[1])
-        # one offset at a time: consecutive adds land in one offset's 257-row block, and the
-        # gradient is not copied K times (measured ~2x faster than position-major order); each
-        # offset's indices contiguous, or index_add_ copies a strided column per call
-        for rows in idx.t().contiguous():
-            out.index_add_(0, rows, grad)
+        # one index_add_ over every (offset, position), offset-major so consecutive adds land in one
+        # offset's 257-row block: measured 2x faster than one call per offset (whose fixed cost
+        # dominates at a few hundred rows) and than position-major order (torch 2.13, 2 cores)
+        K = idx.shape[1]
+        out = grad.new_zeros(ctx.rows, grad.shape[1]).index_add_(0, idx.t().reshape(-1), grad.repeat(K, 1))
         return out, None
