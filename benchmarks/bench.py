@@ -6,7 +6,7 @@ Training contenders (--slots 0, the default episodic memory, --memory linformer)
 training step of imm_cli.train (Batches, episode_loss, AdamW step, gradient clipping, one
 host sync per step) on nanoGPT's CPU reference configuration (4 layers, 4 heads, 128 wide,
 block 64, batch 12, lr 1e-3), interleaved round by round so machine noise hits all alike; figures
-are medians over rounds. nanoGPT's own step (benchmarks/nanogpt_baseline.py) runs in the same
+are medians over rounds of each round's mean step time (batches drawn several at a time count). nanoGPT's own step (benchmarks/nanogpt_baseline.py) runs in the same
 rounds, so "--slots 0 vs nanoGPT" is measured side by side, not against a published figure.
 The same pair (--slots 0, the default memory) is also timed at `imm train`'s own defaults
 (block 128, batch 16, the embedded corpus), paired round by round: what a default training pays.
@@ -101,8 +101,9 @@ class Trainer:
 
 
 def interleaved(trainers: dict, rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Each contender's median step time (s) per round; round r runs every contender in turn, the
-    order rotating, so machine noise hits them alike."""
+    """Each contender's mean step time (s) per round (a mean, not a median: batches are drawn
+    several at a time, and a round's time must include the steps that draw them); round r runs
+    every contender in turn, the order rotating, so machine noise hits them alike."""
     for t in trainers.values():
         for _ in range(warmup):
             t.step()
@@ -110,7 +111,7 @@ def interleaved(trainers: dict, rounds: int, steps: int, warmup: int) -> dict[st
     for r in range(rounds):
         names = list(trainers)
         for name in names[r % len(names):] + names[: r % len(names)]:
-            per_round[name].append(statistics.median([trainers[name].step() for _ in range(steps)]))
+            per_round[name].append(sum(trainers[name].step() for _ in range(steps)) / steps)
     return per_round
 
 

@@ -60,6 +60,7 @@ class MemoryConfig:
     far_weight: float = 0.05  # episodic, inference only: the far key's weight in a read's dot products (a near cosine 1 - far_weight still loses to an exact one); 0 = off
     key_dim: int = 64  # episodic, knn, delta, titans: width of keys and queries (knn: over all its heads; titans: its MLP is twice as wide)
     value_dim: int = 0  # episodic, knn, delta, titans: width of a stored value before the output projection; 0 = n_embd (a byte needs few dims)
+    shared_values: bool = True  # episodic: both read channels read one value table (their weights on an entry add before its value is gathered: half the mixing, measured no worse); False = each its own projection (runs from before)
     sharp: float = 48.0  # episodic: fixed 1/temperature of a second read of the same entries, for near-exact contexts (0 = none)
     keep: float = 0.0  # episodic: weight (nats) of a learned keep score added to an entry's retention score; 0 = surprise alone
     copy: bool = False  # episodic: mix the sharp read's next-byte distribution into the output, its weight learned (kNN-LM); measured worse, off
@@ -216,7 +217,7 @@ FLAGS: dict[str, tuple[str, str]] = {
     "memory_norm": ("memory", "norm"), "memory_temp": ("memory", "temp"), "memory_size": ("memory", "size"),
     "memory_topk": ("memory", "topk"), "memory_span": ("memory", "span"), "memory_trail": ("memory", "trail"), "memory_sharp": ("memory", "sharp"), "memory_local": ("memory", "local"), "memory_copy": ("memory", "copy"), "memory_knn_lm": ("memory", "knn_lm"), "memory_knn_exact": ("memory", "knn_exact"), "memory_keep": ("memory", "keep"), "memory_drop": ("memory", "drop"), "memory_entries": ("memory", "entries"), "memory_key_bytes": ("memory", "key_bytes"),
     "memory_far_bytes": ("memory", "far_bytes"), "memory_far_weight": ("memory", "far_weight"),
-    "memory_key_dim": ("memory", "key_dim"), "memory_value_dim": ("memory", "value_dim"),
+    "memory_key_dim": ("memory", "key_dim"), "memory_value_dim": ("memory", "value_dim"), "memory_shared_values": ("memory", "shared_values"),
     "layers": ("model", "n_layer"), "heads": ("model", "n_head"), "embd": ("model", "n_embd"), "block_size": ("model", "block_size"),
     "batch_size": ("train", "batch_size"), "iters": ("train", "iters"), "lr": ("train", "lr"), "segments": ("train", "segments"),
     "curriculum": ("train", "curriculum"), "max_gap": ("train", "max_gap"), "grad_clip": ("train", "grad_clip"),
@@ -247,7 +248,7 @@ def flag_values(model: ModelConfig, train: TrainConfig) -> dict:
 
 
 # fields that configs written before they existed may lack, with the value that means the old behaviour
-LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0, "trail": False, "drop": 0.0, "knn_exact": 0.0, "far_bytes": 32, "far_weight": 0.0}}
+LEGACY_DEFAULTS = {MemoryConfig: {"value_dim": 0, "sharp": 0.0, "copy": False, "keep": 0.0, "knn_lm": 0.0, "trail": False, "drop": 0.0, "knn_exact": 0.0, "far_bytes": 32, "far_weight": 0.0, "shared_values": False}}
 # what runs from before the entry budget mean, for experiments only (a resume refuses them: training
 # would continue under another memory): the dense read they were trained with, retention by a byte's
 # own surprise, and the same capacity as their slots x block entries (size None: computed below)

@@ -77,10 +77,18 @@ def _segmentable(w: str) -> bool:
     return ok[len(w)]
 
 
+# each syllable's probability as invent_word draws it: onset and vowel uniform, and with probability
+# 0.35 a coda drawn from CODAS (whose first, "", is also the word's lot the other 0.65)
+_SYLLABLE_CUM = tuple(
+    np.cumsum([(0.65 * (c == "") + 0.35 / len(CODAS)) / (len(ONSETS) * len(VOWELS))
+               for o in ONSETS for v in VOWELS for c in CODAS]).tolist())
+
+
 def invent_word(rng: random.Random, capitalise: bool = True) -> str:
-    n = rng.randint(MIN_SYLLABLES, MAX_SYLLABLES)
-    # open syllables are more common, which keeps the words pronounceable
-    word = "".join(rng.choice(ONSETS) + rng.choice(VOWELS) + rng.choice(CODAS if rng.random() < 0.35 else ("",)) for _ in range(n))
+    """2 or 3 syllables (open ones more common, which keeps the words pronounceable), drawn in one
+    call: the curriculum invents about twenty words per training step."""
+    n = MIN_SYLLABLES + int(rng.random() * (MAX_SYLLABLES - MIN_SYLLABLES + 1))
+    word = "".join(rng.choices(SYLLABLES, cum_weights=_SYLLABLE_CUM, k=n))
     return word.capitalize() if capitalise else word
 
 
@@ -111,7 +119,34 @@ def corpus_words(text: np.ndarray | None) -> tuple[str, ...]:
 
 
 def _words(rng: random.Random, words: tuple[str, ...], lo: int, hi: int) -> str:
-    return " ".join(rng.choice(words) for _ in range(rng.randint(lo, hi)))
+    return " ".join(rng.choices(words, k=rng.randint(lo, hi)))
+
+
+class _Fields(dict):
+    """A template's fields, each drawn only when the template names it (format_map asks for it)."""
+
+    def __init__(self, rng: random.Random, words: tuple[str, ...]) -> None:
+        super().__init__()
+        self.rng, self.words = rng, words
+
+    def __missing__(self, key: str) -> str:
+        rng = self.rng
+        if key in ("N", "S", "P", "Q"):
+            value = invent_word(rng)
+        elif key == "n":
+            value = invent_word(rng, capitalise=False)
+        elif key == "Y":
+            value = str(rng.randint(1000, 2099))
+        elif key == "K":
+            value = str(rng.randint(2, 9999))
+        elif key == "w":
+            value = _words(rng, self.words, 2, 5)
+        elif key == "w2":
+            value = _words(rng, self.words, 1, 2)
+        else:
+            raise KeyError(key)
+        self[key] = value
+        return value
 
 
 def make_fact(rng: random.Random, max_bytes: int = MAX_FACT_BYTES, min_bytes: int = MIN_FACT_BYTES,
@@ -121,25 +156,8 @@ def make_fact(rng: random.Random, max_bytes: int = MAX_FACT_BYTES, min_bytes: in
     With ``words`` (real words of the training text), half the facts use WORD_TEMPLATES.
     """
     for _ in range(10_000):
-        if words and rng.random() < 0.5:
-            text = rng.choice(WORD_TEMPLATES).format(
-                N=invent_word(rng), S=invent_word(rng), P=invent_word(rng), n=invent_word(rng, capitalise=False),
-                Y=str(rng.randint(1000, 2099)), K=str(rng.randint(2, 9999)),
-                w=_words(rng, words, 2, 5), w2=_words(rng, words, 1, 2),
-            )
-            if min_bytes <= len(text) <= max_bytes:
-                return Fact.from_text(text)
-            continue
-        template = rng.choice(TEMPLATES)
-        text = template.format(
-            N=invent_word(rng),
-            S=invent_word(rng),
-            P=invent_word(rng),
-            Q=invent_word(rng),
-            n=invent_word(rng, capitalise=False),
-            Y=str(rng.randint(1000, 2099)),
-            K=str(rng.randint(2, 9999)),
-        )
+        templates = WORD_TEMPLATES if words and rng.random() < 0.5 else TEMPLATES
+        text = rng.choice(templates).format_map(_Fields(rng, words))
         if min_bytes <= len(text) <= max_bytes:  # ASCII: characters == bytes
             return Fact.from_text(text)
     raise ValueError(f"no synthetic fact fits {min_bytes}..{max_bytes} bytes")
@@ -193,10 +211,9 @@ def _splice(chunk: bytes, items: list[bytes], placements: list[str], rng: random
     Returns the text and the offset of each item in it. `early`: all items in the first quarter."""
     span = max(1, len(chunk) // 4) if early else len(chunk)
     head = chunk[:span]
-    cands = {  # "prose": after a space that follows a word, so the item never starts its line
-        "line": [m.end() for m in _LINE_START.finditer(head)],
-        "prose": [m.end() for m in MID_LINE.finditer(head)],
-    }
+    # "prose": after a space that follows a word, so the item never starts its line
+    where = {"line": _LINE_START, "prose": MID_LINE}
+    cands = {p: [m.end() for m in where[p].finditer(head)] for p in set(placements)}
     points = [rng.choice(cands[p]) if cands[p] else 0 for p in placements]
     order = sorted(range(len(items)), key=lambda i: points[i])
     out, offsets, pos, length = [], [0] * len(items), 0, 0

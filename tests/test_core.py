@@ -136,7 +136,8 @@ def test_run_saved_before_a_field_existed_loads_with_its_old_meaning(field, old,
     """config.json files written before a memory field existed mean its legacy value: `value_dim` 0
     (full-width, n_embd values), `sharp` 0 (the learned-temperature read alone), `copy` False (no
     next bytes copied into the output), `keep` 0 (retention by surprise alone, no keep head), `knn_lm` 0
-    (no kNN-LM mix at inference), `trail` False (retention by the centred span alone)."""
+    (no kNN-LM mix at inference), `trail` False (retention by the centred span alone),
+    `shared_values` False (each read channel its own output projection)."""
     model = tiny_model("episodic", slots=4, **{field: old})
     runs.save_weights(tmp_path, model, step=1)
     runs.save_config(tmp_path, model.cfg, TrainConfig())
@@ -147,6 +148,8 @@ def test_run_saved_before_a_field_existed_loads_with_its_old_meaning(field, old,
     assert getattr(loaded.cfg.memory, field) == old
     if field == "value_dim":
         assert loaded.memory.value_emb.weight.shape == (257, loaded.cfg.n_embd)
+    if field == "shared_values":
+        assert hasattr(loaded.memory, "sharp_out") and hasattr(loaded.memory, "out")
     x, y = batch()
     assert torch.equal(model(x, y).logits, loaded(x, y).logits)
 

@@ -152,3 +152,42 @@ def test_error_messages_are_one_line(tmp_path):
         with pytest.raises(InputError) as ei:
             read_text_file(bad, what="facts file")
         assert "\n" not in str(ei.value) and str(ei.value).startswith("facts file ")
+
+
+@pytest.mark.parametrize("taken", [0, 1, 5, 8, 9, 16, 19])
+def test_training_batches_resume_mid_draw_and_are_drawn_as_one_stream(taken):
+    """Batches are drawn BATCH_BUFFER at a time; a state saved after any number taken resumes on the
+    very next batch (the generators before the last draw, and how many of it were taken), and a
+    state from before batches were drawn ahead (no "taken") means none were."""
+    from imm_cli.config import ModelConfig, TrainConfig
+    from imm_cli.data import load_corpus
+    from imm_cli.train import BATCH_BUFFER, Batches
+
+    corpus = load_corpus(None)
+    mcfg, tcfg = ModelConfig(block_size=32), TrainConfig(batch_size=8, max_gap=4)
+
+    def fresh() -> Batches:
+        return Batches(corpus, mcfg, tcfg, segments=4, seed=7, max_gap=4)
+
+    a = fresh()
+    for _ in range(taken):
+        a.next()
+    saved = a.state()
+    assert saved["taken"] == (taken - 1) % BATCH_BUFFER + 1 if taken else saved["taken"] == 0
+    expect = [a.next() for _ in range(BATCH_BUFFER + 3)]
+    b = fresh()
+    b.load_state(saved)
+    for (x, y, gap), (x2, y2, gap2) in zip(expect, [b.next() for _ in range(BATCH_BUFFER + 3)]):
+        assert gap == gap2 and torch.equal(x, x2) and torch.equal(y, y2)
+    # the same stream as drawing one batch at a time from the same generators
+    one = fresh()
+    drawn = [one._draw() for _ in range(taken + 2)]
+    c = fresh()
+    taken_now = [c.next() for _ in range(taken + 2)]
+    assert all(torch.equal(p[0], q[0]) and p[2] == q[2] for p, q in zip(drawn, taken_now))
+    # an older state, saved between steps with nothing drawn ahead
+    old = fresh()
+    st = {"gen": old.gen.get_state(), "rng": [v if not isinstance(v, tuple) else list(v) for v in old.rng.getstate()]}
+    d = fresh()
+    d.load_state(st)
+    assert torch.equal(d.next()[0], fresh().next()[0])

@@ -223,10 +223,12 @@ def test_gap_segments_batched_equal_the_loop(gap):
     assert not torch.allclose(no_gap.token_loss[:, -1], outs[True][1][:, -1], atol=1e-4)
 
 
-def test_table_kept_for_generation_follows_the_weights():
+@pytest.mark.parametrize("values", [dict(shared_values=False), dict(value_dim=8)])
+def test_table_kept_for_generation_follows_the_weights(values):
     """The projected value table kept between reads without autograd is recomputed once a weight
-    changes in place (an optimizer step) or is replaced (a load)."""
-    mem = model_for(slots=4, key_bytes=8, key_dim=16).memory
+    changes in place (an optimizer step) or is replaced (a load): each channel's own projection
+    (runs from before shared_values), or one projection from a narrower value_dim."""
+    mem = model_for(slots=4, key_bytes=8, key_dim=16, **values).memory
     fresh = lambda: torch.stack([mem.value_emb.weight @ out.weight.t() for out in mem._outs()], 1).flatten(0, 1)  # noqa: E731  (row id*C + c)
     with torch.no_grad():
         first = mem._table()
@@ -238,6 +240,24 @@ def test_table_kept_for_generation_follows_the_weights():
         torch.testing.assert_close(mem._table(), fresh())
         assert mem._table().grad_fn is None  # never an autograd graph kept alive
     assert mem._table().grad_fn is not None  # with autograd: computed afresh, so gradients reach the weights
+
+
+def test_shared_values_read_one_table_with_the_channels_weights_added():
+    """shared_values (the default): value_emb is the table (full width, no projection, no copy), both
+    read channels read it, and the read equals the per-channel read with one table for both."""
+    model = model_for(slots=4, key_bytes=8, key_dim=16)
+    mem = model.memory
+    assert not hasattr(mem, "out") and not hasattr(mem, "sharp_out")
+    assert mem._table() is mem.value_emb.weight
+    x = torch.randint(0, 256, (2, 32))
+    parts = mem._segment_parts(Segment(ids=x, prev=x[:, :0], targets=x), mem.init_state(2))
+    assert parts["attn"].shape[0] == 2  # two channels of weights...
+    table = mem.value_emb.weight
+    per_channel = sum(
+        torch.einsum("bnk,bnkd->bnd", a[..., :parts["k"]], table[parts["stored_ids"]])
+        + torch.einsum("bnj,bjd->bnd", a[..., parts["k"]:], table[parts["local_ids"]])
+        for a in parts["attn"])
+    torch.testing.assert_close(mem._mix(parts), per_channel, rtol=1e-5, atol=1e-6)  # ...one table
 
 
 def test_write_text_writes_in_place_only_its_own_states():

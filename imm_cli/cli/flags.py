@@ -56,6 +56,7 @@ HELP: dict[str, str] = {
     "memory_far_weight": "Episodic memory, inference only: the far key's weight in the read's dot products; 0 = off.",
     "memory_key_dim": "Episodic, knn, delta and titans memories: width of keys and queries (knn: over all its heads; titans: its MLP is twice as wide).",
     "memory_value_dim": "Episodic, knn, delta and titans memories: width of a stored value before the output projection (episodic: a byte's); 0 = --embd.",
+    "memory_shared_values": "Episodic memory: both read channels (learned temperature, sharp) read one value table, their weights on an entry added first; --no-memory-shared-values gives each its own output projection (the design before).",
     "segments": "Consecutive segments per episode, memory carried through them [default: 0 = auto, 1 without memory, 4 with].",
     "curriculum": "Share of episodes that are synthetic-fact recall episodes (memory models only).",
     "max_gap": "Half the steps, 1..max-gap unscored segments of text before each episode's last segment: recall across a gap (episodic memory; 0 = off).",

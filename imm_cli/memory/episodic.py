@@ -67,6 +67,7 @@ a hundred bytes of other text; a fact seen once is only recoverable if its bytes
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -111,16 +112,25 @@ class EpisodicMemory(Memory):
         if cfg.far_bytes:  # the far key's table: fixed random (a hash of the far bytes), neither learned nor saved
             far = torch.randn(cfg.far_bytes, PAD + 1, FAR_DIM, generator=torch.Generator().manual_seed(FAR_SEED))
             self.register_buffer("far_emb", far * scale[K:, None, None], persistent=False)
+        # a stored next byte's value as a read adds it to the residual stream: one table both read
+        # channels read (shared_values; their weights add before the values are gathered), a
+        # byte's row learned directly at full width, or through `out` from value_dim; without
+        # shared_values (runs from before), each channel projects value_emb through its own Linear
         dv = cfg.value_dim or n_embd
-        self.value_emb = nn.Embedding(PAD + 1, dv)  # content of a stored next byte
-        self.out = nn.Linear(dv, n_embd, bias=bias)
+        self.value_emb = nn.Embedding(PAD + 1, dv)
+        if cfg.value_dim or not cfg.shared_values:
+            self.out = nn.Linear(dv, n_embd, bias=bias)
+        else:  # the table itself, initialised as a fresh embedding x projection would be (std 1/sqrt 3)
+            nn.init.normal_(self.value_emb.weight, std=3 ** -0.5)
+            self.value_bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.read_temp)))  # learned 1/temperature
         self.null_cos = nn.Parameter(torch.tensor(0.6))  # below this cosine a stored entry loses to "nothing"
         self.gate = nn.Linear(n_embd, 1)
         self._kept_table: tuple | None = None  # (weights' identity, table) for reads without autograd
-        if cfg.sharp:  # the sharp read: its own "nothing matches" level and projection, the same values
+        if cfg.sharp:  # the sharp read: its own "nothing matches" level (and, without shared_values, projection)
             self.sharp_null = nn.Parameter(torch.tensor(0.9))
-            self.sharp_out = nn.Linear(dv, n_embd, bias=bias)
+            if not cfg.shared_values:
+                self.sharp_out = nn.Linear(dv, n_embd, bias=bias)
         if cfg.keep:  # a learned keep score: will a later cue read this entry sharply? (trained in read_episode)
             self.keep_head = nn.Linear(n_embd, 1)
         if cfg.copy:  # per position, how much of the sharp read's next-byte distribution the output takes
@@ -322,12 +332,12 @@ class EpisodicMemory(Memory):
         cos, local_ids = [st_cos], None
         if self.cfg.local and w > 1:
             local = torch.bmm(q_keys, win_keys[:, : w - 1].transpose(1, 2))  # (b n w-1)
-            seen = torch.ones(n, w - 1, dtype=torch.bool, device=q_keys.device).tril(w - n - 1)
-            cos.append(local.masked_fill_(~seen, -math.inf))  # in place: bmm's backward needs only its inputs
+            unseen = _unseen(n, w, q_keys.device)
+            cos.append(local.masked_fill_(unseen, -math.inf))  # in place: bmm's backward needs only its inputs
             local_ids = win_bytes[:, 1:]
             if near:
                 dk = self.cfg.key_dim
-                near.append(torch.bmm(q_keys[..., :dk], win_keys[:, : w - 1, :dk].transpose(1, 2)).masked_fill_(~seen, -math.inf))
+                near.append(torch.bmm(q_keys[..., :dk], win_keys[:, : w - 1, :dk].transpose(1, 2)).masked_fill_(unseen, -math.inf))
         # an unseen entry (-inf) -> UNSEEN: any scale then puts exactly zero weight on it, and its
         # gradient is exactly zero (a learned scale times -inf has a NaN one); one clamp, not a mask
         # over every read channel's logits
@@ -340,22 +350,34 @@ class EpisodicMemory(Memory):
         k = st_cos.shape[-1]
         return {"attn": attn, "stored_ids": st_ids, "local_ids": local_ids, "k": k, "stored_idx": st_idx, "cos": cos,
                 "near": torch.cat(near, dim=-1).clamp(min=UNSEEN) if near else cos,  # the exact-context test's cosines
-                "stored_attn": attn[0][..., :k], "local_attn": attn[0][..., k:].sum(-1)}
+                **({"stored_attn": attn[0][..., :k], "local_attn": attn[0][..., k:].sum(-1)} if self.observe else {})}
 
     def _outs(self) -> list[nn.Linear]:
+        """The projections from value_emb to the table, one per table (shared_values: one, or none
+        where value_emb is the table itself)."""
+        if self.cfg.shared_values:
+            return [self.out] if hasattr(self, "out") else []
         return [self.out] + ([self.sharp_out] if self.cfg.sharp else [])
 
-    def _table(self) -> Tensor:
-        """(257*C d): row byte*C + c holds the byte's stored value as read channel c projects it
-        (projecting the 257 values once is cheaper than projecting every position's mix; the
-        channels side by side so one embedding bag and one matmul mix them all, byte-major so the
-        table is the projection's own output, not a transposed copy of it). Without autograd
-        (generation: one read per byte) it is kept until a weight changes."""
+    def _bias(self) -> Tensor | None:
+        """What a read adds whatever it reads: the projections' biases (with the model's bias)."""
         outs = self._outs()
+        biases = [t for t in ([out.bias for out in outs] if outs else [self.value_bias]) if t is not None]
+        return sum(biases) if biases else None
+
+    def _table(self) -> Tensor:
+        """(257*T d) the value tables (T: 1 with shared_values, else one per read channel): row
+        byte*T + t holds the byte's value in table t (projecting the 257 values once is cheaper than
+        projecting every position's mix; tables side by side so one embedding bag and one matmul
+        mix them all, byte-major so a table is the projection's own output, not a transposed copy).
+        Without autograd (generation: one read per byte) it is kept until a weight changes."""
+        outs = self._outs()
+        if not outs:
+            return self.value_emb.weight
 
         def project() -> Tensor:
-            w = torch.cat([out.weight for out in outs]) if len(outs) > 1 else outs[0].weight  # (C*d dv)
-            return (self.value_emb.weight @ w.t()).view((PAD + 1) * len(outs), -1)  # (257 C*d) as (257*C d)
+            w = torch.cat([out.weight for out in outs]) if len(outs) > 1 else outs[0].weight  # (T*d dv)
+            return (self.value_emb.weight @ w.t()).view((PAD + 1) * len(outs), -1)  # (257 T*d) as (257*T d)
         if torch.is_grad_enabled():
             return project()
         # a load or an in-place edit bumps a weight's _version; a fused optimizer step does not, so
@@ -366,11 +388,13 @@ class EpisodicMemory(Memory):
         return self._kept_table[1]
 
     def _mix(self, parts: dict, table: Tensor | None = None) -> Tensor:
-        """(b n d) the read before its gate: summed over the read channels, the attention-weighted
-        projected values of the bytes the entries carry. All channels at once: channel c's weight for
-        byte id addresses row id*C + c of the table, the k stored entries as one weighted embedding
-        bag, the local ones as one matmul."""
+        """(b n d) the read before its gate: the attention-weighted values of the bytes the entries
+        carry, summed over the read channels. With shared_values the channels' weights are added
+        first (one table), else channel c's weight for byte id addresses row id*C + c of the table.
+        The k stored entries are one weighted embedding bag, the local ones one matmul."""
         attn, k, ids = parts["attn"], parts["k"], parts["stored_ids"]
+        if self.cfg.shared_values and attn.shape[0] > 1:
+            attn = attn.sum(0, keepdim=True)  # one table: every channel's weight on an entry reads the same value
         C, b, n, e = attn.shape
         table = self._table() if table is None else table
         chan = torch.arange(C, device=ids.device)  # (C) a channel's row among its byte's C rows
@@ -379,7 +403,7 @@ class EpisodicMemory(Memory):
             read = attn.new_zeros(b, n, table.shape[1])
         elif k <= GATHER_K:  # a few entries per query: their values' weighted sum, in one fused kernel
             bag = (C * ids[:, :, None] + chan[:, None]).reshape(b * n, C * k)  # (b n C k) -> bags of C*k
-            weights = stored.permute(1, 2, 0, 3).reshape(b * n, C * k)
+            weights = (stored[0] if C == 1 else stored.permute(1, 2, 0, 3)).reshape(b * n, C * k)
             read = F.embedding_bag(bag, table, mode="sum", per_sample_weights=weights).view(b, n, -1)
         else:  # many (a dense read): sum the attention per (channel, byte id) first, then one matmul
             per_row = [attn.new_zeros(b, n, PAD + 1).scatter_add_(2, ids, a) for a in stored]  # no (b n C k) copy
@@ -387,11 +411,11 @@ class EpisodicMemory(Memory):
         if parts["local_ids"] is not None:
             w1 = e - k
             lids = (C * parts["local_ids"][:, None] + chan[:, None]).reshape(b, C * w1)  # (b C*(w-1))
-            read = read + torch.bmm(local.permute(1, 2, 0, 3).reshape(b, n, C * w1), _rows(table, lids))
-        for out in self._outs():
-            if out.bias is not None:
-                read = read + out.bias
-        return read
+            # one table: the (b n w-1) weights as they lie (bmm reads the strided rows), else channels side by side
+            weights = local[0] if C == 1 else local.permute(1, 2, 0, 3).reshape(b, n, C * w1)
+            read = read + torch.bmm(weights, _rows(table, lids))
+        bias = self._bias()
+        return read if bias is None else read + bias
 
     def _gated(self, h: Tensor, read: Tensor, parts: dict) -> Tensor:
         """The gated read; when it `copies`, also leaves `copied`: the sharp read's mass per next byte
@@ -498,7 +522,7 @@ class EpisodicMemory(Memory):
         else:
             kw = self._ngram(ids, stream.prev)  # (b L dk): every position's context within its episode
         bytes_ = targets.masked_fill(targets < 0, PAD)
-        pos = torch.tensor([lo + j for lo in starts for j in range(n)], device=ids.device)  # (S*n)
+        pos = _positions(tuple(starts), n, ids.device)  # (S*n) the read segments' stream positions
         q = kw.index_select(1, pos)  # (b S*n dk)
         if self.cfg.topk == 0 or k == 0:  # dense (or nothing stored before any segment): segment by segment
             table, hs, reads, copied = self._table(), h.view(b, S, n, -1), [], []
@@ -632,12 +656,41 @@ class EpisodicMemory(Memory):
     def slot_vectors(self, state: State) -> Tensor:
         """Mean stored value of each slot's entries, mapped like a read (zeros for an empty slot)."""
         valid = torch.isfinite(state["score"]).float()[..., None]  # (b M 1)
-        values = self.value_emb(state["bytes"]) * valid
+        table = self._table().view(PAD + 1, -1, self.n_embd)[:, 0]  # (257 d) the (first) read channel's values
+        values = F.embedding(state["bytes"], table) * valid
         b = values.shape[0]
         slot = self.slot_of_entries(values.device)
         total = torch.zeros(b, self.cfg.slots, values.shape[-1], device=values.device).index_add_(1, slot, values)
         count = torch.zeros(b, self.cfg.slots, 1, device=values.device).index_add_(1, slot, valid)
-        return self.out(total / count.clamp(min=1))
+        bias = self._bias()
+        mean = total / count.clamp(min=1)
+        return mean if bias is None else mean + bias
+
+
+@functools.lru_cache(maxsize=64)
+def _unseen(n: int, w: int, device: torch.device) -> Tensor:
+    """(n w-1) for the last n positions of a w-position window, the window entries j (context j ->
+    byte j+1) each may not read yet: those with j >= its own position. Cached, as every read of a
+    shape asks (made outside inference mode, so training may save it for backward)."""
+    with torch.inference_mode(False):
+        return ~torch.ones(n, w - 1, dtype=torch.bool, device=device).tril(w - n - 1)
+
+
+@functools.lru_cache(maxsize=256)
+def _positions(starts: tuple[int, ...], n: int, device: torch.device) -> Tensor:
+    """(S*n) the stream positions of the n-byte segments beginning at `starts` (cached per episode
+    shape, outside inference mode as _unseen)."""
+    with torch.inference_mode(False):
+        return (torch.tensor(starts, device=device)[:, None] + torch.arange(n, device=device)).flatten()
+
+
+@functools.lru_cache(maxsize=256)
+def _not_yet(starts: tuple[int, ...], n: int, device: torch.device) -> Tensor:
+    """(S*n max(starts)) for each query of the n-byte segments beginning at `starts`, the stream
+    positions not yet written when its segment is read (cached, outside inference mode as _unseen)."""
+    with torch.inference_mode(False):
+        first = torch.tensor(starts, device=device).repeat_interleave(n)  # (S*n) each query's segment start
+        return torch.arange(max(starts), device=device)[None] >= first[:, None]
 
 
 def _span_mean(x: Tensor, left: int, right: int) -> Tensor:
@@ -694,9 +747,7 @@ def _prefix_topk(q: Tensor, keys: Tensor, unknown: Tensor, starts: list[int], n:
     # masks only where something is masked: after a gap the last segment's (b n end) scores are the
     # step's largest matrix, one start hides nothing of its prefix, and training hides no position
     if len(starts) > 1:
-        first = torch.tensor(starts, device=q.device).repeat_interleave(n)  # (S*n) each query's segment start
-        later = torch.arange(end, device=q.device)[None] >= first[:, None]  # (S*n end) not yet written
-        scores.masked_fill_(later[None], -math.inf)
+        scores.masked_fill_(_not_yet(tuple(starts), n, q.device)[None], -math.inf)
     if bool(unknown[:, :end].any()):
         scores.masked_fill_(unknown[:, None, :end], -math.inf)
     return _topk_padded(scores, k)
