@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT))
 from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig  # noqa: E402
 from imm_cli.data import load_corpus  # noqa: E402
 from imm_cli.model import GPT  # noqa: E402
-from imm_cli.train import Batches, episode_loss, lr_at, make_optimizer  # noqa: E402
+from imm_cli.train import BATCH_BUFFER, Batches, episode_loss, lr_at, make_optimizer  # noqa: E402
 from nanogpt_baseline import NanoGPTTrainer  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
@@ -312,10 +312,14 @@ def run_timed(args: list[str], env: dict | None = None) -> tuple[float, int, str
 
 def peak_rss_training(data: str | None, iters: int, tmp: Path) -> dict:
     """Peak resident memory of `imm train` (default memory, reference configuration) in its own process."""
+    # VmHWM, this process's own peak: ru_maxrss would also count the benchmark's own peak, as Linux
+    # carries it across the fork and exec that start the process (it read 4.6 GB so)
     code = (
-        "import resource, sys; from imm_cli.cli.app import app\n"
+        "import re, resource, sys; from imm_cli.cli.app import app\n"
         "try:\n    app()\nexcept SystemExit:\n    pass\n"
-        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
+        "try:\n    kb = int(re.search(r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1))\n"
+        "except (OSError, AttributeError):\n    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+        "print(kb, file=sys.stderr)\n"
     )
     args = ["train", "--layers", "4", "--heads", "4", "--embd", "128", "--block-size", "64", "--batch-size", "12",
             "--lr", "1e-3", "--iters", str(iters), "--eval-every", str(iters), "--out", str(tmp / "rss_run")]
@@ -462,7 +466,8 @@ def main() -> None:
         return
     data = str(DATA) if DATA.exists() else None
     corpus = load_corpus(data)
-    rounds, steps, warmup = (5, 5, 5) if a.quick else (12, 10, 10)
+    # steps per round a multiple of BATCH_BUFFER: every round then holds as many steps that draw batches
+    rounds, steps, warmup = (5, BATCH_BUFFER, 5) if a.quick else (12, 2 * BATCH_BUFFER, 10)
     doc: dict = {"data": "tinyshakespeare.txt" if data else "embedded corpus (tinyshakespeare.txt not found)",
                  "threads": torch.get_num_threads(), "torch": torch.__version__, "quick": a.quick,
                  "reference": {**REFERENCE, **REFERENCE_TRAIN}}

@@ -37,12 +37,16 @@ matches" option (so a fresh memory reads exactly zero). Top-k keeps the read as 
 entries as with 512: without it the softmax mass of thousands of near-misses drowns the one true
 match (Memorizing Transformers, Wu et al. 2022, retrieve top-k for the same reason). The same
 cosines feed a second, sharp softmax at a fixed 1/temperature (`sharp`, 48) with its own
-"nothing matches" level and output projection: training pulls the learned temperature soft (about
+"nothing matches" level: training pulls the learned temperature soft (about
 1/14), because a blurred read of many similar contexts is a good n-gram model of ordinary text,
 but at that temperature a context sharing 12 of its 16 bytes with the cue scores almost as high
 as the exact one, and among thousands of entries the fact loses to such near-misses (measured on
 the default run before this channel: 64 facts in 32 KB, 0.19 exact match at 1/14, 0.50 at 3x that).
-Fixed, the sharp read cannot drift into the soft one's role. With
+Fixed, the sharp read cannot drift into the soft one's role. Both channels read one value table
+(`shared_values`): an entry's two weights are added before its value is gathered, so mixing
+costs one channel's work, and the table is the learned byte values themselves (value_dim 0; a
+narrower value_dim projects them). Each channel's own projection, the design before, trained
+no better and cost 2 to 3% of a training step (README "Performance"). With
 `local`, a position also reads its own segment's earlier positions (the same lookup for a fact
 still inside the window). When a cue repeats a stored context, the read carries the byte that
 followed it; once that byte is produced, the next context matches the next entry, and so on.
@@ -302,6 +306,10 @@ class EpisodicMemory(Memory):
         ids = state["bytes"].gather(1, idx.flatten(1)).view_as(idx)
         if not self._near_needed():
             return cos, idx, ids
+        if idx.shape[-1] == _stored_end(torch.isfinite(state["score"])):  # every stored entry read (idx 0..M-1)
+            dk, M = self.cfg.key_dim, idx.shape[-1]  # one matmul, not a (b n M dk) gather (GBs at 65K entries)
+            near = torch.bmm(q[..., :dk], state["keys"][:, :M, :dk].transpose(1, 2))
+            return cos, idx, ids, near.masked_fill(torch.isneginf(cos), -math.inf)
         return cos, idx, ids, self._near_at(q, state["keys"], idx, cos)
 
     def _near_needed(self) -> bool:
