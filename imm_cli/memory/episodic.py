@@ -529,14 +529,16 @@ class EpisodicMemory(Memory):
                 kw = self._keys(key_rows).view(b, L, -1)
         else:
             kw = self._ngram(ids, stream.prev)  # (b L dk): every position's context within its episode
-        bytes_ = targets.masked_fill(targets < 0, PAD)
+        no_next = targets < 0  # (b L) positions whose next byte is unknown: never stored
+        bytes_ = targets.masked_fill(no_next, PAD)
         pos = _positions(tuple(starts), n, ids.device)  # (S*n) the read segments' stream positions
-        q = kw.index_select(1, pos)  # (b S*n dk)
+        whole = S * n == L  # every segment read (no gap): the positions are the stream itself
+        q = kw if whole else kw.index_select(1, pos)  # (b S*n dk)
         if self.cfg.topk == 0 or k == 0:  # dense (or nothing stored before any segment): segment by segment
             table, hs, reads, copied = self._table(), h.view(b, S, n, -1), [], []
             for s, lo in enumerate(starts):
                 win = q[:, s * n:(s + 1) * n]
-                prefix = {"keys": kw[:, :lo], "bytes": bytes_[:, :lo], "score": kw.new_zeros(b, lo).masked_fill(targets[:, :lo] < 0, -math.inf)}
+                prefix = {"keys": kw[:, :lo], "bytes": bytes_[:, :lo], "score": kw.new_zeros(b, lo).masked_fill(no_next[:, :lo], -math.inf)}
                 parts = self._attend(win, win, ids[:, lo:lo + n], self._stored(win, prefix))
                 reads.append(self._gated(hs[:, s], self._mix(parts, table), parts))
                 copied.append(self.copied)
@@ -544,7 +546,7 @@ class EpisodicMemory(Memory):
                 self.copied = torch.stack(copied, dim=1).flatten(0, 1)
             return torch.stack(reads, dim=1).flatten(0, 1)  # episode-major, as h
         with torch.no_grad():  # which k entries, each segment against its own prefix
-            unknown = self._let_go(targets < 0)  # (b L) never stored, or hidden in training
+            unknown = self._let_go(no_next)  # (b L) never stored, or hidden in training
             # two calls: the segments before the last together (prefixes end at the last but one's
             # start), the last alone (after a gap its prefix is long): at most twice the scores needed;
             # a segment at the episode's start has no prefix: nothing to score (-inf, index 0)
@@ -555,10 +557,9 @@ class EpisodicMemory(Memory):
             s, i = torch.cat([c for c, _ in best], 1), torch.cat([j for _, j in best], 1)  # (b S*n k)
             if few:  # the rows read, and each stream position's place among them
                 mark = torch.zeros(b, L, dtype=torch.bool, device=ids.device)
-                mark[:, pos] = True
-                rows = mark.scatter_(1, i.flatten(1), True).flatten().nonzero().squeeze(1)  # (R) of b*L
+                rows = mark.index_fill_(1, pos, True).scatter_(1, i.flatten(1), True).flatten().nonzero().squeeze(1)  # (R) of b*L
                 place = torch.full((b * L,), -1, dtype=torch.long, device=ids.device)
-                place[rows] = torch.arange(rows.numel(), device=ids.device)
+                place.index_copy_(0, rows, torch.arange(rows.numel(), device=ids.device))
         if few:
             keys = self._keys(key_rows.index_select(0, rows))  # (R dk), with autograd
             offset = L * torch.arange(b, device=ids.device)
@@ -568,7 +569,7 @@ class EpisodicMemory(Memory):
             cos = _chosen_cosines(q, kw, s, i)
         st_ids = bytes_.gather(1, i.flatten(1)).view_as(i)
         per_seg = lambda t: t.reshape(b * S, n, *t.shape[2:])  # noqa: E731  (b S*n ...) -> (b*S n ...)
-        win_bytes = ids.index_select(1, pos)
+        win_bytes = ids if whole else ids.index_select(1, pos)
         stored = (per_seg(cos), per_seg(i), per_seg(st_ids))
         if self._near_needed():
             stored += (per_seg(self._near_at(q, kw, i, s)),)
