@@ -676,7 +676,18 @@ class EpisodicMemory(Memory):
         return mean if bias is None else mean + bias
 
 
-@functools.lru_cache(maxsize=64)
+def _per_shape(fn):
+    """Cache a mask or index tensor per shape: every read of a shape asks for the same one. Under
+    torch.compile the tensor is made in the graph instead (dynamo traces through a cache anyway)."""
+    cached = functools.lru_cache(maxsize=256)(fn)
+
+    @functools.wraps(fn)
+    def get(*args):
+        return fn(*args) if torch.compiler.is_compiling() else cached(*args)
+    return get
+
+
+@_per_shape
 def _unseen(n: int, w: int, device: torch.device) -> Tensor:
     """(n w-1) for the last n positions of a w-position window, the window entries j (context j ->
     byte j+1) each may not read yet: those with j >= its own position. Cached, as every read of a
@@ -685,7 +696,7 @@ def _unseen(n: int, w: int, device: torch.device) -> Tensor:
         return ~torch.ones(n, w - 1, dtype=torch.bool, device=device).tril(w - n - 1)
 
 
-@functools.lru_cache(maxsize=256)
+@_per_shape
 def _positions(starts: tuple[int, ...], n: int, device: torch.device) -> Tensor:
     """(S*n) the stream positions of the n-byte segments beginning at `starts` (cached per episode
     shape, outside inference mode as _unseen)."""
@@ -693,7 +704,7 @@ def _positions(starts: tuple[int, ...], n: int, device: torch.device) -> Tensor:
         return (torch.tensor(starts, device=device)[:, None] + torch.arange(n, device=device)).flatten()
 
 
-@functools.lru_cache(maxsize=256)
+@_per_shape
 def _not_yet(starts: tuple[int, ...], n: int, device: torch.device) -> Tensor:
     """(S*n max(starts)) for each query of the n-byte segments beginning at `starts`, the stream
     positions not yet written when its segment is read (cached, outside inference mode as _unseen)."""
