@@ -57,7 +57,7 @@ class MemoryConfig:
     entries: int = 0  # episodic: positions one write offers at most, most surprising first; 0 = all (block size)
     key_bytes: int = 16  # episodic: a key is the previous `key_bytes` bytes (16 beat 8 on needle and recall, measured)
     far_bytes: int = 32  # episodic, inference only: the bytes before a key's own key_bytes make a far key (a fixed random n-gram of them) that breaks ties between entries whose key_bytes match (facts sharing a phrase longer than key_bytes)
-    far_weight: float = 0.05  # episodic, inference only: the far key's weight in a read's dot products (a near cosine 1 - far_weight still loses to an exact one); 0 = off
+    far_weight: float = 0.075  # episodic, inference only: the far key's weight in a read's dot products (a near cosine 1 - far_weight still loses to an exact one); 0 = off; 0.075 chosen on examples/ with one value table (README 'How it got there', 5)
     key_dim: int = 64  # episodic, knn, delta, titans: width of keys and queries (knn: over all its heads; titans: its MLP is twice as wide)
     value_dim: int = 0  # episodic, knn, delta, titans: width of a stored value before the output projection; 0 = n_embd (a byte needs few dims)
     shared_values: bool = True  # episodic: both read channels read one value table (their weights on an entry add before its value is gathered: half the mixing, measured no worse); False = each its own projection (runs from before)

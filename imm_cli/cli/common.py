@@ -280,7 +280,7 @@ def budget_label(model: dict) -> str:
 
 
 def knn_label(model: dict) -> str:
-    """', kNN-LM mix 0.35 (0.5 exact), far key 0.05' (or ', no kNN-LM mix') for an experiment's title;
+    """', kNN-LM mix 0.35 (0.5 exact), far key 0.075' (or ', no kNN-LM mix') for an experiment's title;
     '' where the memory has none."""
     w, exact, far = model.get("knn_lm"), model.get("knn_exact"), model.get("far_weight")
     if w is None:
