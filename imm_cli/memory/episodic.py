@@ -306,7 +306,7 @@ class EpisodicMemory(Memory):
         ids = state["bytes"].gather(1, idx.flatten(1)).view_as(idx)
         if not self._near_needed():
             return cos, idx, ids
-        if idx.shape[-1] == _stored_end(torch.isfinite(state["score"])):  # every stored entry read (idx 0..M-1)
+        if not self.cfg.topk or idx.shape[-1] < self.cfg.topk:  # fewer stored than k, or dense: idx is 0..M-1
             dk, M = self.cfg.key_dim, idx.shape[-1]  # one matmul, not a (b n M dk) gather (GBs at 65K entries)
             near = torch.bmm(q[..., :dk], state["keys"][:, :M, :dk].transpose(1, 2))
             return cos, idx, ids, near.masked_fill(torch.isneginf(cos), -math.inf)
@@ -411,7 +411,7 @@ class EpisodicMemory(Memory):
             read = attn.new_zeros(b, n, table.shape[1])
         elif k <= GATHER_K:  # a few entries per query: their values' weighted sum, in one fused kernel
             bag = (C * ids[:, :, None] + chan[:, None]).reshape(b * n, C * k)  # (b n C k) -> bags of C*k
-            weights = (stored[0] if C == 1 else stored.permute(1, 2, 0, 3)).reshape(b * n, C * k)
+            weights = stored.permute(1, 2, 0, 3).reshape(b * n, C * k)
             read = F.embedding_bag(bag, table, mode="sum", per_sample_weights=weights).view(b, n, -1)
         else:  # many (a dense read): sum the attention per (channel, byte id) first, then one matmul
             per_row = [attn.new_zeros(b, n, PAD + 1).scatter_add_(2, ids, a) for a in stored]  # no (b n C k) copy
