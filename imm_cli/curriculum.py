@@ -173,15 +173,22 @@ class SyntheticFacts:
     def sample(self, max_bytes: int = MAX_FACT_BYTES) -> Fact:
         return make_fact(self.rng, max_bytes=max_bytes, words=self.words)
 
-    def sample_many(self, k: int, max_bytes: int = MAX_FACT_BYTES) -> list[Fact]:
-        """k facts with distinct cues."""
+    def sample_many(self, k: int, max_bytes: int = MAX_FACT_BYTES, room: int | None = None) -> list[Fact]:
+        """k facts with distinct cues; with `room`, only those before the first that would take
+        their texts (each + 2 bytes for its line breaks) past `room` bytes (the first always stays):
+        the same facts as cutting the k afterwards, without inventing the ones that would be cut."""
         facts: list[Fact] = []
         cues: set[str] = set()
+        used = 0
         while len(facts) < k:
             f = make_fact(self.rng, max_bytes=max_bytes, words=self.words)
-            if f.cue not in cues:
-                cues.add(f.cue)
-                facts.append(f)
+            if f.cue in cues:
+                continue
+            if room is not None and facts and used + len(f.text) + 2 > room:
+                break
+            cues.add(f.cue)
+            facts.append(f)
+            used += len(f.text) + 2
         return facts
 
     def __iter__(self):
@@ -257,14 +264,9 @@ def curriculum_episode(
     max_fact = min(MAX_FACT_BYTES, max(40, min(write_cap // 2, recall_cap - 3)))
 
     synth = SyntheticFacts(rng, words=corpus_words(text))
-    facts = synth.sample_many(rng.randint(1, max_facts), max_bytes=max_fact)
-    written, used = [], 0
-    for f in facts:  # the facts that leave at least half the write region to text (always one)
-        need = len(f.text) + 2
-        if written and used + need > write_cap // 2:
-            break
-        written.append(f)
-        used += need
+    # the facts that leave at least half the write region to text (always one)
+    written = synth.sample_many(rng.randint(1, max_facts), max_bytes=max_fact, room=write_cap // 2)
+    used = sum(len(f.text) + 2 for f in written)
     cued, rused = [], 0
     for f in rng.sample(written, len(written)):  # recall all that fit the last segment (always one)
         need = len(f.text) + 2

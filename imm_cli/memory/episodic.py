@@ -273,7 +273,7 @@ class EpisodicMemory(Memory):
         if k == 0:  # nothing stored yet (the first segment of a whole-episode read)
             return q.new_zeros(*q.shape[:2], 0), torch.zeros(*q.shape[:2], 0, dtype=torch.long, device=q.device)
         if k == M:  # every entry is read (dense, or fewer stored than k): no selection to make
-            cos = torch.bmm(q, keys.transpose(1, 2)).masked_fill(~valid[:, None], -math.inf)
+            cos = torch.bmm(q, keys.transpose(1, 2)).masked_fill(~valid[:, None], UNSEEN)
             return cos, torch.arange(M, device=q.device).expand_as(cos)
         with torch.no_grad():
             # masking a large (b n M) score matrix costs about half the matmul, and there are usually
@@ -295,7 +295,7 @@ class EpisodicMemory(Memory):
                 s, j = s.topk(k, dim=-1)
                 i = i.gather(-1, j)
         if not (torch.is_grad_enabled() and (q.requires_grad or keys.requires_grad)):
-            return s, i
+            return s.clamp_(min=UNSEEN), i
         return _chosen_cosines(q, keys, s, i), i
 
     def _stored(self, q: Tensor, state: State) -> tuple:
@@ -309,7 +309,7 @@ class EpisodicMemory(Memory):
         if not self.cfg.topk or idx.shape[-1] < self.cfg.topk:  # fewer stored than k, or dense: idx is 0..M-1
             dk, M = self.cfg.key_dim, idx.shape[-1]  # one matmul, not a (b n M dk) gather (GBs at 65K entries)
             near = torch.bmm(q[..., :dk], state["keys"][:, :M, :dk].transpose(1, 2))
-            return cos, idx, ids, near.masked_fill(torch.isneginf(cos), -math.inf)
+            return cos, idx, ids, near.masked_fill(cos <= UNSEEN, UNSEEN)
         return cos, idx, ids, self._near_at(q, state["keys"], idx, cos)
 
     def _near_needed(self) -> bool:
@@ -341,15 +341,14 @@ class EpisodicMemory(Memory):
         if self.cfg.local and w > 1:
             local = torch.bmm(q_keys, win_keys[:, : w - 1].transpose(1, 2))  # (b n w-1)
             unseen = _unseen(n, w, q_keys.device)
-            cos.append(local.masked_fill_(unseen, -math.inf))  # in place: bmm's backward needs only its inputs
+            cos.append(local.masked_fill_(unseen, UNSEEN))  # in place: bmm's backward needs only its inputs
             local_ids = win_bytes[:, 1:]
             if near:
                 dk = self.cfg.key_dim
-                near.append(torch.bmm(q_keys[..., :dk], win_keys[:, : w - 1, :dk].transpose(1, 2)).masked_fill_(unseen, -math.inf))
-        # an unseen entry (-inf) -> UNSEEN: any scale then puts exactly zero weight on it, and its
-        # gradient is exactly zero (a learned scale times -inf has a NaN one); one clamp, not a mask
-        # over every read channel's logits
-        cos = torch.cat(cos, dim=-1).clamp(min=UNSEEN)
+                near.append(torch.bmm(q_keys[..., :dk], win_keys[:, : w - 1, :dk].transpose(1, 2)).masked_fill_(unseen, UNSEEN))
+        # every source writes an unseen entry as UNSEEN, not -inf: any scale then puts exactly zero
+        # weight on it, and its gradient is exactly zero (a learned scale times -inf has a NaN one)
+        cos = torch.cat(cos, dim=-1)
         scales, nulls = [self.log_scale.exp()], [self.null_cos]
         if self.cfg.sharp:
             scales.append(self.log_scale.new_tensor(self.cfg.sharp))
@@ -357,7 +356,7 @@ class EpisodicMemory(Memory):
         attn = _read_softmax(cos, torch.stack(scales), torch.stack(nulls))  # (C b n e)
         k = st_cos.shape[-1]
         return {"attn": attn, "stored_ids": st_ids, "local_ids": local_ids, "k": k, "stored_idx": st_idx, "cos": cos,
-                "near": torch.cat(near, dim=-1).clamp(min=UNSEEN) if near else cos,  # the exact-context test's cosines
+                "near": torch.cat(near, dim=-1) if near else cos,  # the exact-context test's cosines
                 **({"stored_attn": attn[0][..., :k], "local_attn": attn[0][..., k:].sum(-1)} if self.observe else {})}
 
     def _outs(self) -> list[nn.Linear]:
@@ -738,7 +737,7 @@ def _stored_end(valid: Tensor) -> int:
 
 def _chosen_cosines(q: Tensor, keys: Tensor, best: Tensor, idx: Tensor) -> Tensor:
     """(b n k) the cosines of queries q (b n dk) with the keys (b M D) at idx (b n k), with autograd
-    (-inf where the selection found nothing: `best` is -inf); keys wider than q (D > dk: with the far
+    (UNSEEN where the selection found nothing: `best` is -inf); keys wider than q (D > dk: with the far
     key) are read in their first dk dimensions, the near key."""
     b, M, _ = keys.shape
     flat = keys.flatten(0, 1)
@@ -752,7 +751,7 @@ def _cosines_at(q: Tensor, keys: Tensor, rows: Tensor, best: Tensor) -> Tensor:
     chosen = _rows(keys, rows)  # (b n k dk)
     # broadcast multiply and sum, not einsum: einsum's backward is a batched matmul of tiny (dk x 1)
     # by (1 x k) outer products (the whole read measured about 6% faster this way)
-    return (q[:, :, None] * chosen).sum(-1).masked_fill(torch.isneginf(best), -math.inf)
+    return (q[:, :, None] * chosen).sum(-1).masked_fill(torch.isneginf(best), UNSEEN)
 
 
 def _prefix_topk(q: Tensor, keys: Tensor, unknown: Tensor, starts: list[int], n: int, k: int) -> tuple[Tensor, Tensor]:
