@@ -121,12 +121,14 @@ class EpisodicMemory(Memory):
         # byte's row learned directly at full width, or through `out` from value_dim; without
         # shared_values (runs from before), each channel projects value_emb through its own Linear
         dv = cfg.value_dim or n_embd
+        self._projected = bool(cfg.value_dim) or not cfg.shared_values  # value_emb reaches the table through `out`
         self.value_emb = nn.Embedding(PAD + 1, dv)
-        if cfg.value_dim or not cfg.shared_values:
+        if self._projected:
             self.out = nn.Linear(dv, n_embd, bias=bias)
         else:  # the table itself, initialised as a fresh embedding x projection would be (std 1/sqrt 3)
             nn.init.normal_(self.value_emb.weight, std=3 ** -0.5)
-            self.value_bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
+        # the read's bias where no projection carries one
+        self.value_bias = nn.Parameter(torch.zeros(n_embd)) if bias and not self._projected else None
         self.log_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.read_temp)))  # learned 1/temperature
         self.null_cos = nn.Parameter(torch.tensor(0.6))  # below this cosine a stored entry loses to "nothing"
         self.gate = nn.Linear(n_embd, 1)
@@ -362,14 +364,13 @@ class EpisodicMemory(Memory):
     def _outs(self) -> list[nn.Linear]:
         """The projections from value_emb to the table, one per table (shared_values: one, or none
         where value_emb is the table itself)."""
-        if self.cfg.shared_values:
-            return [self.out] if hasattr(self, "out") else []
-        return [self.out] + ([self.sharp_out] if self.cfg.sharp else [])
+        if not self._projected:
+            return []
+        return [self.out] + ([self.sharp_out] if self.cfg.sharp and not self.cfg.shared_values else [])
 
     def _bias(self) -> Tensor | None:
         """What a read adds whatever it reads: the projections' biases (with the model's bias)."""
-        outs = self._outs()
-        biases = [t for t in ([out.bias for out in outs] if outs else [self.value_bias]) if t is not None]
+        biases = [t for t in [out.bias for out in self._outs()] + [self.value_bias] if t is not None]
         return sum(biases) if biases else None
 
     def _table(self) -> Tensor:
@@ -404,12 +405,16 @@ class EpisodicMemory(Memory):
             attn = attn.sum(0, keepdim=True)  # one table: every channel's weight on an entry reads the same value
         C, b, n, e = attn.shape
         table = self._table() if table is None else table
-        chan = torch.arange(C, device=ids.device)  # (C) a channel's row among its byte's C rows
+        chan = torch.arange(C, device=ids.device)[:, None] if C > 1 else None  # a channel's row among its byte's C
+
+        def rows(i: Tensor) -> Tensor:  # (... m) byte ids -> (... C m) table rows (one table: the ids)
+            return i.unsqueeze(-2) if chan is None else C * i.unsqueeze(-2) + chan
+
         stored, local = attn.split([k, e - k], dim=-1)  # one backward node for both parts
         if k == 0:  # nothing stored yet
             read = attn.new_zeros(b, n, table.shape[1])
         elif k <= GATHER_K:  # a few entries per query: their values' weighted sum, in one fused kernel
-            bag = (C * ids[:, :, None] + chan[:, None]).reshape(b * n, C * k)  # (b n C k) -> bags of C*k
+            bag = rows(ids).reshape(b * n, C * k)  # (b n C k) -> bags of C*k
             weights = stored.permute(1, 2, 0, 3).reshape(b * n, C * k)
             read = F.embedding_bag(bag, table, mode="sum", per_sample_weights=weights).view(b, n, -1)
         else:  # many (a dense read): sum the attention per (channel, byte id) first, then one matmul
@@ -417,7 +422,7 @@ class EpisodicMemory(Memory):
             read = torch.stack(per_row, dim=-1).flatten(2) @ table  # (b n 257 C) -> rows id*C + c
         if parts["local_ids"] is not None:
             w1 = e - k
-            lids = (C * parts["local_ids"][:, None] + chan[:, None]).reshape(b, C * w1)  # (b C*(w-1))
+            lids = rows(parts["local_ids"]).reshape(b, C * w1)  # (b C*(w-1))
             # one table: the (b n w-1) weights as they lie (bmm reads the strided rows), else channels side by side
             weights = local[0] if C == 1 else local.permute(1, 2, 0, 3).reshape(b, n, C * w1)
             read = read + torch.bmm(weights, _rows(table, lids))
