@@ -320,10 +320,12 @@ class StepTimer:
         return time.perf_counter() - t0
 
 
-def paired_rounds(contenders: dict[str, Callable[[], float]], seconds: float, steps: int = 2,
+def paired_rounds(contenders: dict[str, Callable[[], float]], seconds: float, steps: int = 8,
                   min_rounds: int = 3, warmup: int = 2) -> dict[str, list[float]]:
     """Time contenders in alternating rounds (order rotating) until `seconds` are spent, warm-up
-    included (at least `min_rounds`); returns each contender's per-round median step time in seconds."""
+    included (at least `min_rounds`); returns each contender's per-round mean step time in seconds.
+    A mean over `steps` (imm train's BATCH_BUFFER): training draws that many batches at once, so
+    every round holds one draw; a median, or fewer steps, would leave the draws out of most rounds."""
     t_end, r = time.perf_counter() + seconds, 0
     for fn in contenders.values():
         for _ in range(warmup):
@@ -332,7 +334,7 @@ def paired_rounds(contenders: dict[str, Callable[[], float]], seconds: float, st
     while r < min_rounds or time.perf_counter() < t_end:
         names = list(contenders)
         for n in names[r % len(names):] + names[: r % len(names)]:
-            per_round[n].append(statistics.median(contenders[n]() for _ in range(steps)))
+            per_round[n].append(statistics.fmean(contenders[n]() for _ in range(steps)))
         r += 1
     return per_round
 
@@ -340,7 +342,7 @@ def paired_rounds(contenders: dict[str, Callable[[], float]], seconds: float, st
 def training_speed(run: Path, seconds: float, device_name: str = "cpu") -> dict:
     """Throughput of the run's training configuration relative to the same with memory slots 0."""
     from imm_cli.data import load_corpus
-    from imm_cli.train import resolve_device
+    from imm_cli.train import BATCH_BUFFER, resolve_device
 
     device = resolve_device(device_name)
     model_cfg, train_cfg = runs.load_model_config(run), runs.load_train_config(run)
@@ -350,7 +352,7 @@ def training_speed(run: Path, seconds: float, device_name: str = "cpu") -> dict:
     except InputError:  # the run's data file is gone: the bytes do not change a step's time
         corpus = load_corpus(None)
     timers = {"run": StepTimer(model_cfg, train_cfg, corpus, device), "slots0": StepTimer(base_cfg, train_cfg, corpus, device)}
-    per_round = paired_rounds({n: t.step for n, t in timers.items()}, seconds)
+    per_round = paired_rounds({n: t.step for n, t in timers.items()}, seconds, steps=BATCH_BUFFER)
     ms = {n: 1000 * statistics.median(v) for n, v in per_round.items()}
     return {"ratio": ms["slots0"] / ms["run"], "ms_per_step": ms["run"], "ms_per_step_slots0": ms["slots0"],
             "tokens_per_s": timers["run"].tokens / ms["run"] * 1000,
