@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig  # noqa: E402
 from imm_cli.data import load_corpus  # noqa: E402
+from imm_cli.experiments.compare import ratio_interval  # noqa: E402
 from imm_cli.model import GPT  # noqa: E402
 from imm_cli.train import BATCH_BUFFER, Batches, episode_loss, lr_at, make_optimizer  # noqa: E402
 from nanogpt_baseline import NanoGPTTrainer  # noqa: E402
@@ -125,7 +126,8 @@ def bench_training(corpus, rounds: int, steps: int, warmup: int, text: str, tmp:
     ours = {n: t for n, t in trainers.items() if n in CONTENDERS}
     # each round's paired ratio (the same moment of the machine for both): the spread one run shows
     pair = {n: [s0 / t for s0, t in zip(per_round["slots0"], per_round[n])] for n in CONTENDERS if n != "slots0"}
-    return {"ms_per_iter": ms, "tokens_per_s": tps, "params": params, "ratio_per_round": pair,
+    interval = {n: ratio_interval(per_round["slots0"], per_round[n]) for n in pair}
+    return {"ms_per_iter": ms, "tokens_per_s": tps, "params": params, "ratio_per_round": pair, "ratio_interval": interval,
             "segments": {n: t.segments for n, t in ours.items()},
             "whole_episode_forward": {n: t.model.episode_path(t.segments, t.mcfg.block_size) for n, t in ours.items()}}
 
@@ -139,6 +141,7 @@ def bench_default_recipe(corpus, rounds: int, steps: int, warmup: int) -> dict:
     ms = {name: 1000 * statistics.median(v) for name, v in per_round.items()}
     pair = [s0 / t for s0, t in zip(per_round["slots0"], per_round["episodic"])]
     return {"ms_per_iter": ms, "train_ratio": ms["slots0"] / ms["episodic"], "ratio_per_round": pair,
+            "train_ratio_interval": ratio_interval(per_round["slots0"], per_round["episodic"]),
             "config": {"block_size": ModelConfig().block_size, "batch_size": TrainConfig().batch_size}}
 
 
@@ -398,11 +401,14 @@ def render(doc: dict) -> None:
               f"{tr['tokens_per_s']['nanogpt']:,.0f}", f"{tr['tokens_per_s']['nanogpt'] / tr['tokens_per_s']['slots0']:.2f}", "", "")
     con.print(t)
     lo, hi = doc["train_ratio_range"]
-    con.print(f"episodic vs --slots 0, per interleaved round: {lo:.2f} to {hi:.2f} (median of rounds' times: {doc['train_ratio']:.2f})")
+    ci = doc["train_ratio_interval"]
+    con.print(f"episodic vs --slots 0, per interleaved round: {lo:.2f} to {hi:.2f} (median of rounds' times: {doc['train_ratio']:.3f}, "
+              f"95% bootstrap interval over rounds {ci[0]:.3f} to {ci[1]:.3f})")
     d = doc["default_recipe"]
     con.print(f"the same pair at imm train's defaults (block {d['config']['block_size']}, batch {d['config']['batch_size']}): "
               f"{d['ms_per_iter']['slots0']:.1f} vs {d['ms_per_iter']['episodic']:.1f} ms/iter, episodic vs --slots 0 "
-              f"{d['train_ratio']:.2f} (rounds {min(d['ratio_per_round']):.2f} to {max(d['ratio_per_round']):.2f})")
+              f"{d['train_ratio']:.2f} (rounds {min(d['ratio_per_round']):.2f} to {max(d['ratio_per_round']):.2f}; "
+              f"95% interval {d['train_ratio_interval'][0]:.2f} to {d['train_ratio_interval'][1]:.2f})")
     g = Table(title=f"greedy generation, batch 1, {doc['generation']['new_bytes']} bytes (default model shape)")
     for col in ("model", "with cache tok/s", "without cache tok/s", "speedup"):
         g.add_column(col, justify="left" if col == "model" else "right")
@@ -484,6 +490,7 @@ def main() -> None:
     doc["train_ratio"] = tr["tokens_per_s"]["episodic"] / tr["tokens_per_s"]["slots0"]
     doc["train_ratio_linformer"] = tr["tokens_per_s"]["linformer"] / tr["tokens_per_s"]["slots0"]
     doc["train_ratio_range"] = [min(tr["ratio_per_round"]["episodic"]), max(tr["ratio_per_round"]["episodic"])]
+    doc["train_ratio_interval"] = tr["ratio_interval"]["episodic"]  # where another run of this code may land (bootstrap, 95%)
     log(f"training at imm train's defaults: {rounds} paired rounds x {steps} steps, --slots 0 and episodic")
     doc["default_recipe"] = bench_default_recipe(load_corpus(None), rounds, steps, warmup)
 

@@ -13,8 +13,11 @@ import time
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from conftest import REPO, snapshot, tiny_configs
+from imm_cli.experiments.compare import ratio_interval
 
 PNG = b"\x89PNG\r\n\x1a\n"
 CONDS = ("memory", "fresh", "other_facts", "in_context")
@@ -184,6 +187,8 @@ def test_training_speed_against_slots0(imm, ep_run, s0_run, tmp_path):
     ep, s0 = (r["speed"] for r in doc["runs"])
     assert ep["measured"] and ep["ratio"] > 0 and ep["rounds"] >= 3
     assert abs(ep["ratio"] - ep["ms_per_step_slots0"] / ep["ms_per_step"]) < 1e-9
+    lo, hi = ep["ratio_interval"]
+    assert 0 < lo <= hi
     assert s0 == {"ratio": 1.0, "measured": False, "note": "the baseline itself (--slots 0)"}
 
 
@@ -211,3 +216,36 @@ def test_bad_input_is_one_line_and_exit_2(imm, tiny_run, tmp_path, monkeypatch, 
     assert r.code == 2, r.stderr
     assert len(r.err_lines) == 1 and r.err_lines[0].startswith("error:"), r.stderr
     assert snapshot(tmp_path) == before
+
+
+# --- the throughput interval ------------------------------------------------------------------------
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.floats(0.01, 10.0), min_size=1, max_size=30), st.floats(0.2, 5.0))
+def test_interval_keeps_rounds_paired(slowdown, c):
+    """A round's noise slows both contenders alike: when every round's ratio is exactly c, however
+    much the rounds differ from each other, the interval is c itself (resampling the two lists
+    independently would spread it)."""
+    base = [10.0 * s for s in slowdown]
+    lo, hi = ratio_interval(base, [b / c for b in base])
+    assert lo == pytest.approx(c, rel=1e-9) and hi == pytest.approx(c, rel=1e-9)
+
+
+def test_interval_narrows_with_rounds_and_holds_the_ratio():
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    widths = []
+    for n in (12, 192):
+        base = rng.lognormal(0.0, 0.05, n) * 30
+        other = rng.lognormal(0.0, 0.05, n) * 35
+        lo, hi = ratio_interval(list(base), list(other))
+        point = np.median(base) / np.median(other)
+        assert lo <= point <= hi
+        widths.append(hi - lo)
+    assert widths[1] < widths[0] / 2
+
+
+@pytest.mark.parametrize("base, other", [([], []), ([1.0, 2.0], [1.0]), ([[1.0]], [[1.0]])])
+def test_interval_refuses_unpaired_rounds(base, other):
+    with pytest.raises(ValueError, match="paired rounds"):
+        ratio_interval(base, other)

@@ -145,7 +145,9 @@ def _speed_cell(r: dict) -> str:
         return _missing(r, "speed")
     if not s.get("measured"):
         return f"{s['ratio']:.2f} (itself)"
-    return f"{s['ratio']:.2f} ({s['ms_per_step']:.1f} vs {s['ms_per_step_slots0']:.1f} ms/step)"
+    interval = s.get("ratio_interval")  # compare.json files from before it have none
+    spread = f", 95% {interval[0]:.2f} to {interval[1]:.2f}" if interval else ""
+    return f"{s['ratio']:.2f} ({s['ms_per_step']:.1f} vs {s['ms_per_step_slots0']:.1f} ms/step{spread})"
 
 
 def _print(doc: dict) -> None:

@@ -11,7 +11,8 @@ Training throughput is measured here, not read: the run's configuration and the 
 with memory slots 0 take real training steps (imm_cli.train's batches, loss, AdamW, clipping, one
 host sync) alternately in paired rounds, as benchmarks/bench.py does, so machine noise hits both
 alike; the ratio is the median baseline step time over the median step time of the run (tokens per
-second relative to --slots 0: 1.0 = as fast, 0.86 = 14% slower).
+second relative to --slots 0: 1.0 = as fast, 0.86 = 14% slower), with a 95% bootstrap interval over
+the paired rounds (`ratio_interval`).
 
 Needle results are read generically: conditions, and, where present, placements (placement ->
 conditions), the capacity curve and any other curve (e.g. distance, document) with an x axis and a
@@ -339,6 +340,23 @@ def paired_rounds(contenders: dict[str, Callable[[], float]], seconds: float, st
     return per_round
 
 
+def ratio_interval(base: list[float], other: list[float], level: float = 0.95, draws: int = 2000,
+                   seed: int = 0) -> tuple[float, float]:
+    """A bootstrap interval (percentile, `level`) for median(base) / median(other) over paired
+    rounds: rounds are resampled with replacement, a round's two times together, so the noise a
+    round shares between contenders stays shared. One run's ratio says where it landed; the
+    interval says how far another run of the same code could land from it."""
+    import numpy as np
+
+    b, o = np.asarray(base, dtype=np.float64), np.asarray(other, dtype=np.float64)
+    if b.shape != o.shape or b.ndim != 1 or len(b) == 0:
+        raise ValueError("paired rounds: two equally long, non-empty lists of times")
+    idx = np.random.default_rng(seed).integers(0, len(b), size=(draws, len(b)))
+    ratios = np.median(b[idx], axis=1) / np.median(o[idx], axis=1)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
+
+
 def training_speed(run: Path, seconds: float, device_name: str = "cpu") -> dict:
     """Throughput of the run's training configuration relative to the same with memory slots 0."""
     from imm_cli.data import load_corpus
@@ -354,7 +372,8 @@ def training_speed(run: Path, seconds: float, device_name: str = "cpu") -> dict:
     timers = {"run": StepTimer(model_cfg, train_cfg, corpus, device), "slots0": StepTimer(base_cfg, train_cfg, corpus, device)}
     per_round = paired_rounds({n: t.step for n, t in timers.items()}, seconds, steps=BATCH_BUFFER)
     ms = {n: 1000 * statistics.median(v) for n, v in per_round.items()}
-    return {"ratio": ms["slots0"] / ms["run"], "ms_per_step": ms["run"], "ms_per_step_slots0": ms["slots0"],
+    return {"ratio": ms["slots0"] / ms["run"], "ratio_interval": ratio_interval(per_round["slots0"], per_round["run"]),
+            "ms_per_step": ms["run"], "ms_per_step_slots0": ms["slots0"],
             "tokens_per_s": timers["run"].tokens / ms["run"] * 1000,
             "tokens_per_s_slots0": timers["slots0"].tokens / ms["slots0"] * 1000,
             "rounds": len(per_round["run"]), "device": str(device), "measured": True}
