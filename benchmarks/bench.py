@@ -39,7 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from imm_cli.config import MemoryConfig, ModelConfig, TrainConfig  # noqa: E402
 from imm_cli.data import load_corpus  # noqa: E402
-from imm_cli.experiments.compare import ratio_interval  # noqa: E402
+from imm_cli.experiments.compare import paired_rounds, ratio_interval  # noqa: E402
 from imm_cli.model import GPT  # noqa: E402
 from imm_cli.train import BATCH_BUFFER, Batches, episode_loss, lr_at, make_optimizer  # noqa: E402
 from nanogpt_baseline import NanoGPTTrainer  # noqa: E402
@@ -102,18 +102,10 @@ class Trainer:
 
 
 def interleaved(trainers: dict, rounds: int, steps: int, warmup: int) -> dict[str, list[float]]:
-    """Each contender's mean step time (s) per round (a mean, not a median: batches are drawn
-    several at a time, and a round's time must include the steps that draw them); round r runs
-    every contender in turn, the order rotating, so machine noise hits them alike."""
-    for t in trainers.values():
-        for _ in range(warmup):
-            t.step()
-    per_round = {name: [] for name in trainers}
-    for r in range(rounds):
-        names = list(trainers)
-        for name in names[r % len(names):] + names[: r % len(names)]:
-            per_round[name].append(sum(trainers[name].step() for _ in range(steps)) / steps)
-    return per_round
+    """Each contender's mean step time (s) per round, `rounds` rounds: `imm compare`'s paired rounds
+    (every contender in turn, the order rotating, so machine noise hits them alike; a mean, not a
+    median, so a round's time includes the steps that draw batches), counted in rounds, not seconds."""
+    return paired_rounds({name: t.step for name, t in trainers.items()}, 0.0, steps=steps, min_rounds=rounds, warmup=warmup)
 
 
 def bench_training(corpus, rounds: int, steps: int, warmup: int, text: str, tmp: Path) -> dict:
