@@ -357,7 +357,7 @@ class EpisodicMemory(Memory):
             nulls.append(self.sharp_null)
         attn = _read_softmax(cos, torch.stack(scales), torch.stack(nulls))  # (C b n e)
         k = st_cos.shape[-1]
-        return {"attn": attn, "stored_ids": st_ids, "local_ids": local_ids, "k": k, "stored_idx": st_idx, "cos": cos,
+        return {"attn": attn, "stored_ids": st_ids, "local_ids": local_ids, "k": k, "stored_idx": st_idx,
                 "near": torch.cat(near, dim=-1) if near else cos,  # the exact-context test's cosines
                 **({"stored_attn": attn[0][..., :k], "local_attn": attn[0][..., k:].sum(-1)} if self.observe else {})}
 
