@@ -11,6 +11,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -105,6 +107,27 @@ def test_ngram_key_gradient_equals_embedding_bag():
     keys = _NGramKey.apply(table, idx)
     torch.testing.assert_close(keys, ref_keys, rtol=0, atol=0)
     torch.testing.assert_close(torch.autograd.grad(keys, table, out)[0], ref)
+
+
+@pytest.mark.parametrize("n", [4, 5, 63, 64, 200, 255, 256, 300])
+@pytest.mark.parametrize("holes", [0.0, 0.5, 0.99])
+def test_padded_topk_selects_as_torch(n, holes):
+    """_topk (a short row padded with -inf so torch takes its heap path) returns torch.topk's scores
+    exactly, indices always in range, and the same entries wherever scores are finite and distinct;
+    a row with fewer than k finite scores fills up with -inf."""
+    from imm_cli.memory.episodic import _topk
+
+    g = torch.Generator().manual_seed(n)
+    scores = torch.randn(3, 7, n, generator=g)
+    scores[torch.rand(3, 7, n, generator=g) < holes] = -math.inf
+    for k in (1, 4, min(n, 16)):
+        s, i = _topk(scores, k)
+        ref_s, ref_i = scores.topk(k, dim=-1)
+        torch.testing.assert_close(s, ref_s, rtol=0, atol=0)
+        assert int(i.min()) >= 0 and int(i.max()) < n
+        finite = torch.isfinite(ref_s)
+        assert torch.equal(i[finite], ref_i[finite])
+        assert torch.equal(scores.gather(-1, i)[finite], s[finite])
 
 
 def test_whole_episode_reads_what_was_written():
